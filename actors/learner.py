@@ -1,0 +1,133 @@
+"""Learner: one rank of a DeepSpeed ZeRO trainer. The policy and the critic are two roles of it.
+
+Surface, the same for both roles: `score(batch)` (old log-probs, or values, of this rank's shard), `train(batch)`
+(PPO epochs over this rank's shard), `full_weights()` (for the weight sync), `save(dir)` / `load(dir)`.
+Every rank gets the whole batch by reference and takes its own contiguous shard, so the driver never splits
+tensors. Under ZeRO-3 every collective must run on every rank: all methods here are called on all ranks at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from relay import ppo
+from relay.batch import RolloutBatch
+from relay.config import RelayConfig
+from relay.models import load_tokenizer, response_logits, response_values, score_in_micro_batches
+from relay.zero import deepspeed_config, full_state_dict, init_distributed, init_engine, load_for_training, save_pretrained
+
+Role = Literal["policy", "critic"]
+
+
+class Learner:
+    def __init__(self, role: Role, config: RelayConfig, model_path: str, rank: int, world_size: int) -> None:
+        self.role = role
+        self.rank = rank
+        self.world_size = world_size
+        self.ppo = config.ppo
+        self.temperature = config.rollout.temperature
+        self.seed = config.run.seed
+        self.section = config.policy if role == "policy" else config.critic
+        init_distributed()
+        torch.manual_seed(self.seed + rank)
+
+        samples_per_rank = config.samples_per_iteration // world_size
+        micro_batches_per_step = samples_per_rank // (self.ppo.mini_batches * self.section.micro_batch_size)
+        self.ds_config = deepspeed_config(
+            zero_stage=self.section.zero_stage,
+            offload=self.section.offload,
+            dtype=self.section.dtype,
+            micro_batch_size=self.section.micro_batch_size,
+            gradient_accumulation_steps=micro_batches_per_step,
+            world_size=world_size,
+            max_grad_norm=self.section.max_grad_norm,
+            persistence_threshold=self.section.zero3_persistence_threshold,
+        )
+        self.tokenizer = load_tokenizer(model_path)
+        kind = "causal_lm" if role == "policy" else "critic"
+        model = load_for_training(model_path, kind, self.ds_config, self.section.dtype, self.tokenizer.pad_token_id)
+        if self.section.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.engine = init_engine(model, self.ds_config, self.section.learning_rate, self.section.weight_decay)
+        self.device = self.engine.device
+
+    def _forward(self, batch: RolloutBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        if self.role == "policy":
+            return response_logits(self.engine, batch, self.temperature)
+        return response_values(self.engine, batch)
+
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        """Policy: log-probs [b, Lr] of this rank's shard; critic: values [b, Lr]. """
+        self.engine.eval()
+        shard = batch.shard(self.rank, self.world_size)
+
+        def score_micro_batch(micro: RolloutBatch) -> torch.Tensor:
+            output = self._forward(micro)
+            if self.role == "policy":
+                output = ppo.token_logprobs(output, micro.response_ids.to(self.device))
+            return output.cpu()
+
+        return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)
+
+    def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
+        """`ppo_epochs` passes over this rank's shard in shuffled mini-batches; returns mean statistics."""
+        self.engine.train()
+        shard = batch.shard(self.rank, self.world_size)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
+        micro = self.section.micro_batch_size
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(self.ppo.ppo_epochs):
+            order = torch.randperm(len(shard), generator=generator)
+            for start in range(0, len(shard), micro):
+                part = shard.select(order[start : start + micro]).to(self.device)
+                loss, stats = self._loss(part)
+                self.engine.backward(loss)
+                self.engine.step()  # applies the update at the end of each mini-batch (gradient accumulation)
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                count += 1
+        return {name: total / count for name, total in totals.items()}
+
+    def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = part.response_mask
+        if self.role == "policy":
+            logits = self._forward(part)
+            logprobs = ppo.token_logprobs(logits, part.response_ids)
+            loss, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, self.ppo.clip_ratio)
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
+            if self.ppo.entropy_coef:
+                loss = loss - self.ppo.entropy_coef * entropy
+            return loss, {
+                "losses/policy": loss.item(),
+                "losses/approx_kl": stats.approx_kl.item(),
+                "losses/clipfrac": stats.clipfrac.item(),
+                "policy/entropy": entropy.item(),
+            }
+        values = self._forward(part)
+        loss, value_stats = ppo.value_loss(values, part.values, part.returns, mask, self.ppo.value_clip)
+        return loss, {
+            "losses/value": loss.item(),
+            "critic/value_clipfrac": value_stats.clipfrac.item(),
+            "critic/value_error": ppo.masked_mean((values.detach() - part.returns) ** 2, mask).item(),
+        }
+
+    def full_weights(self) -> dict[str, torch.Tensor] | None:
+        """The whole model on rank 0 (None on the others); all ranks must call it together."""
+        return full_state_dict(self.engine.module, self.section.zero_stage, self.rank)
+
+    def save(self, checkpoint_dir: str) -> None:
+        """Hugging Face weights (rank 0) under `<dir>/<role>` and DeepSpeed states under `<dir>/deepspeed/<role>`."""
+        directory = Path(checkpoint_dir)
+        save_pretrained(self.engine.module, self.tokenizer, self.section.zero_stage, self.rank, directory / self.role)
+        self.engine.save_checkpoint(str(directory / "deepspeed" / self.role), tag="state")
+
+    def load(self, checkpoint_dir: str) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(Path(checkpoint_dir) / "deepspeed" / self.role), tag="state")
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed state for {self.role} under {checkpoint_dir}/deepspeed")
+

@@ -1,0 +1,357 @@
+"""The PPO driver: prompts → generate → score → advantages → train → sync → metrics, once per iteration.
+
+    python -m jobs.ppo --config jobs/configs/demo.yaml [dotted.key=value ...]
+    ray job submit --working-dir . -- python -m jobs.ppo --config jobs/configs/demo.yaml
+
+With `tiny_model` in the config the policy is built locally (no download); with `warm_start` it is first
+fine-tuned on the task's demonstrations (jobs/sft.py). The run directory gets metrics.jsonl, TensorBoard events,
+checkpoints (`resume: auto` continues from the newest), summary.json, reward_curve.png and the final policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import ray
+import torch
+from tqdm import tqdm
+
+from actors.group import ActorGroup
+from actors.learner import Learner
+from actors.reference import Reference
+from actors.reward import RewardScorer
+from actors.rollout import RolloutFleet, Sample
+from relay import ppo
+from relay.batch import RolloutBatch, pad_left, pad_right
+from relay.config import ConfigError, RelayConfig, dump_config, load_config
+from relay.data import tokenize_prompt
+from relay.metrics import MetricsLogger, plot_reward_curve
+from relay.models import build_tiny_model, load_tokenizer
+from relay.tasks import Example, get_task, split_examples
+
+EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
+
+
+@dataclass
+class DriverState:
+    """What the driver needs, beside the learners' DeepSpeed states, to continue a run from a checkpoint."""
+
+    iteration: int = 0
+    data_epoch: int = 0
+    data_cursor: int = 0
+    policy_version: int = 0
+    samples: int = 0
+    kl_coef: float = 0.0
+    reference_model: str = ""
+    eval_score_base: float | None = None
+    eval_score_before: float | None = None
+    eval_points: list[tuple[int, float]] | None = None
+
+
+def connect_ray(config: RelayConfig) -> None:
+    """Join the job's cluster (Ray Jobs sets RAY_ADDRESS) or config.ray.address; otherwise start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=config.ray.namespace)
+    else:
+        # "local": a private instance, never a stale cluster left behind by an earlier `ray start`.
+        ray.init(address="local", num_cpus=config.ray.local_num_cpus, namespace=config.ray.namespace)
+
+
+def prepare_base_model(config: RelayConfig, run_dir: Path) -> str:
+    """The policy's starting weights: config.policy.model, or a tiny model built once into the run directory."""
+    if config.tiny_model is None:
+        assert config.policy.model is not None
+        return resolve_model_path(config.policy.model)
+    path = run_dir.resolve() / "base"
+    if not path.exists():
+        build_tiny_model(config.tiny_model, get_task(config.data.task).alphabet, path, config.run.seed)
+    return str(path)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Local paths made absolute (actors run in other working directories); Hub names left as they are."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a `.partial` directory is one that was cut off while writing)."""
+    complete = sorted(path for path in (run_dir / "checkpoints").glob("iter_*") if not path.name.endswith(".partial"))
+    return complete[-1] if complete else None
+
+
+class PPOTrainer:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.output_dir).resolve()
+        self.task = get_task(config.data.task)
+        self.train_examples, self.eval_examples = split_examples(
+            self.task, config.data.train_prompts, config.data.eval_prompts, config.data.seed
+        )
+        self.state = DriverState(kl_coef=config.ppo.kl_coef)
+        self.kl_controller: ppo.AdaptiveKLController | ppo.FixedKLController = (
+            ppo.AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
+            if config.ppo.kl_target is not None
+            else ppo.FixedKLController(config.ppo.kl_coef)
+        )
+
+    # ---------------------------------------------------------------- set-up
+    def setup(self) -> None:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(self.run_dir) if config.run.resume == "auto" else None
+        if checkpoint is None and (self.run_dir / "checkpoints").exists() and config.run.resume == "never":
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints; set run.resume=auto or a new output_dir")
+        (self.run_dir / "config.yaml").write_text(dump_config(config))
+
+        if checkpoint is not None:
+            self.state = DriverState(**json.loads((checkpoint / "driver_state.json").read_text()))
+            self.kl_controller.load_state_dict({"value": self.state.kl_coef})
+            policy_path = str(checkpoint / "policy")
+            self.tokenizer = load_tokenizer(policy_path)
+            self.fleet = RolloutFleet(config, policy_path)
+            print(f"resuming from {checkpoint} (iteration {self.state.iteration})")
+        else:
+            base_path = prepare_base_model(config, self.run_dir)
+            self.tokenizer = load_tokenizer(base_path)
+            self.fleet = RolloutFleet(config, base_path)
+            self.state.eval_score_base = self.evaluate()
+            policy_path = base_path
+            if config.warm_start is not None:
+                from jobs.sft import run_warm_start
+
+                policy_path = run_warm_start(config, base_path, self.run_dir)
+                self.fleet.load_weights_from(policy_path, policy_version=0)
+            self.state.reference_model = resolve_model_path(config.reference.model or policy_path)
+            self.state.eval_score_before = self.evaluate()
+            self.state.eval_points = [(0, self.state.eval_score_before)]
+
+        critic_path = resolve_model_path(
+            config.critic.model or (config.reward.model if config.reward.type == "model" else policy_path)
+        )
+        if checkpoint is not None:
+            critic_path = str(checkpoint / "critic")
+        use_gpu = config.device == "cuda"
+        self.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=use_gpu,
+                                 role="policy", config=config, model_path=policy_path)
+        self.critic = ActorGroup(Learner, "critic-learner", config.critic.resources, use_gpu=use_gpu,
+                                 role="critic", config=config, model_path=critic_path)
+        self.reference = ActorGroup(Reference, "reference", config.reference.resources, use_gpu=use_gpu,
+                                    config=config, model_path=self.state.reference_model)
+        self.reward = ActorGroup(RewardScorer, "reward", config.reward.resources, use_gpu=use_gpu, config=config)
+        if checkpoint is not None:
+            ray.get(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)))
+        self.metrics = MetricsLogger(self.run_dir, tags={"run": config.run.name, "role": "driver"})
+
+    # ---------------------------------------------------------------- one PPO iteration
+    def train_iteration(self, iteration: int) -> dict[str, float]:
+        config, metrics = self.config, {}
+
+        # 1. The next prompt batch (the cursor is checkpointed).
+        examples = self.next_prompts()
+
+        # 2. Sample responses on the vLLM fleet, with the sampler's log-probs.
+        with phase("generate", metrics):
+            batch = self.generate(examples, config.rollout.samples_per_prompt, seed=config.run.seed + iteration)
+        batch_ref = ray.put(batch)
+
+        # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values, rewards.
+        with phase("score", metrics):
+            scored = {name: group.call("score", batch_ref) for name, group in
+                      [("old", self.policy), ("ref", self.reference), ("values", self.critic), ("reward", self.reward)]}
+            old_logprobs, ref_logprobs, values, rewards = (torch.cat(ray.get(refs)) for refs in scored.values())
+
+        # 4. Per-token rewards (−β·KL, plus the sequence reward on the last token), GAE, whitened advantages.
+        with phase("advantages", metrics):
+            mask = batch.response_mask
+            token_rewards, kl = ppo.token_rewards(rewards, old_logprobs, ref_logprobs, mask,
+                                                  self.kl_controller.value, config.ppo.kl_estimator)
+            advantages, returns = ppo.gae(token_rewards, values, mask, config.ppo.gamma, config.ppo.lam)
+            if config.ppo.whiten_advantages:
+                advantages = ppo.masked_whiten(advantages, mask)
+            train_ref = ray.put(replace(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
+                                        sequence_rewards=rewards, advantages=advantages, returns=returns))
+
+        # 5. PPO epochs: the policy (clipped surrogate) and the critic (clipped value loss), in parallel.
+        with phase("train", metrics):
+            policy_stats = self.policy.call("train", train_ref, iteration)
+            critic_stats = self.critic.call("train", train_ref, iteration)
+            metrics |= mean_over_ranks(ray.get(policy_stats)) | mean_over_ranks(ray.get(critic_stats))
+
+        # 6. The new policy weights to every rollout worker (all learner ranks take part in the gather).
+        with phase("sync", metrics):
+            weight_refs = self.policy.call("full_weights")
+            self.state.policy_version += 1
+            self.fleet.load_weights(weight_refs[0], self.state.policy_version)
+            ray.get(weight_refs[1:])
+
+        # 7. Statistics (the metrics are logged by the caller) and the KL controller's update.
+        kl_per_sequence = (kl * mask).sum(dim=1).mean().item()
+        self.kl_controller.update(kl_per_sequence, len(batch))
+        self.state.samples += len(batch)
+        response_tokens = mask.sum().item()
+        metrics |= {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item(),
+            "policy/kl_ref": kl_per_sequence,
+            "policy/kl_coef": self.kl_controller.value,
+            "policy/version": float(self.state.policy_version),
+            "policy/sampler_logprob_gap": ppo.masked_mean((batch.sampler_logprobs - old_logprobs).abs(), mask).item(),
+            "critic/values_mean": ppo.masked_mean(values, mask).item(),
+            "response/length_mean": response_tokens / len(batch),
+            "perf/tokens_per_s": response_tokens / metrics["time/generate"],
+            "perf/samples": float(self.state.samples),
+        }
+        return metrics
+
+    def next_prompts(self) -> list[Example]:
+        """The next `prompts_per_iteration` training examples, in an order reshuffled every epoch."""
+        chosen: list[Example] = []
+        while len(chosen) < self.config.data.prompts_per_iteration:
+            order = torch.randperm(len(self.train_examples),
+                                   generator=torch.Generator().manual_seed(self.config.data.seed + self.state.data_epoch))
+            take = min(len(order) - self.state.data_cursor, self.config.data.prompts_per_iteration - len(chosen))
+            chosen += [self.train_examples[i] for i in order[self.state.data_cursor : self.state.data_cursor + take]]
+            self.state.data_cursor += take
+            if self.state.data_cursor == len(order):
+                self.state.data_epoch, self.state.data_cursor = self.state.data_epoch + 1, 0
+        return chosen
+
+    def generate(self, examples: list[Example], samples_per_prompt: int, seed: int,
+                 temperature: float | None = None) -> RolloutBatch:
+        prompt_ids = [tokenize_prompt(self.tokenizer, example.prompt) for example in examples]
+        temperature = self.config.rollout.temperature if temperature is None else temperature
+        per_prompt = self.fleet.generate(prompt_ids, samples_per_prompt, temperature, seed)
+        return self.build_batch(examples, prompt_ids, per_prompt)
+
+    def build_batch(self, examples: list[Example], prompt_ids: list[list[int]],
+                    per_prompt: list[list[Sample]]) -> RolloutBatch:
+        rows = [(example, ids, sample) for example, ids, samples in zip(examples, prompt_ids, per_prompt, strict=True)
+                for sample in samples]
+        query_ids, query_mask = pad_left([ids for _, ids, _ in rows], self.tokenizer.pad_token_id)
+        response_ids, response_mask = pad_right([s.token_ids for *_, s in rows], self.tokenizer.pad_token_id, torch.long)
+        sampler_logprobs, _ = pad_right([s.logprobs for *_, s in rows], 0.0, torch.float32)
+        return RolloutBatch(
+            query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
+            sampler_logprobs=sampler_logprobs,
+            prompts=[example.prompt for example, _, _ in rows],
+            responses=self.tokenizer.batch_decode([s.token_ids for *_, s in rows], skip_special_tokens=True),
+            metadata=[example.metadata for example, _, _ in rows],
+            policy_version=self.state.policy_version,
+        )
+
+    def evaluate(self) -> float:
+        """The task's own score (ground truth, whatever the training reward is) on held-out prompts."""
+        batch = self.generate(self.eval_examples, self.config.data.eval_samples_per_prompt, seed=EVAL_SEED)
+        scores = self.task.reward(batch.prompts, batch.responses, batch.metadata)
+        return sum(scores) / len(scores)
+
+    # ---------------------------------------------------------------- the run
+    def fit(self) -> dict:
+        started = time.monotonic()
+        config = self.config
+        self.setup()
+        assert self.state.eval_points is not None
+        if self.state.iteration >= config.run.iterations:
+            print(f"{self.run_dir} is complete at iteration {self.state.iteration}; use a new run.output_dir to rerun")
+            return json.loads((self.run_dir / "summary.json").read_text())
+        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="PPO",
+                        initial=self.state.iteration, total=config.run.iterations, unit="iter")
+        for iteration in progress:
+            metrics = self.train_iteration(iteration)
+            self.state.iteration = iteration
+            if iteration == config.run.iterations or (config.run.eval_every and iteration % config.run.eval_every == 0):
+                metrics["eval/score"] = self.evaluate()
+                self.state.eval_points.append((iteration, metrics["eval/score"]))
+            self.metrics.log(iteration, metrics)
+            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['policy/kl_ref']:.3f}")
+            if config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0 and iteration < config.run.iterations:
+                self.save_checkpoint(iteration)
+        eval_score_after = self.state.eval_points[-1][1]
+        final = self.save_checkpoint(config.run.iterations)
+        summary = {
+            "eval_score_base": self.state.eval_score_base,
+            "eval_score_before": self.state.eval_score_before,
+            "eval_score_after": eval_score_after,
+            "iterations": config.run.iterations,
+            "samples": self.state.samples,
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "final_policy": str(final / "policy"),
+            "reference_model": self.state.reference_model,
+        }
+        self.finish(summary, final)
+        return summary
+
+    def save_checkpoint(self, iteration: int) -> Path:
+        """Policy and critic (Hugging Face + DeepSpeed states) and the driver's state, written whole or not at all."""
+        final = self.run_dir / "checkpoints" / f"iter_{iteration:06d}"
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        ray.get(self.policy.call("save", str(partial.resolve())) + self.critic.call("save", str(partial.resolve())))
+        self.state.kl_coef = self.kl_controller.value
+        (partial / "driver_state.json").write_text(json.dumps(asdict(self.state), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        return final
+
+    def finish(self, summary: dict, final_checkpoint: Path) -> None:
+        link = self.run_dir / "policy"
+        temporary = self.run_dir / "policy.link"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(final_checkpoint.relative_to(self.run_dir) / "policy")
+        os.replace(temporary, link)
+        plot_reward_curve(self.metrics.jsonl_path, self.run_dir / "reward_curve.png", self.state.eval_points or [])
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.metrics.close()
+        print(json.dumps(summary, indent=2))
+
+    def shutdown(self) -> None:
+        for name in ("fleet", "policy", "critic", "reference", "reward"):
+            if hasattr(self, name):
+                getattr(self, name).shutdown()
+
+
+@contextmanager
+def phase(name: str, metrics: dict[str, float]) -> Iterator[None]:
+    """Time a phase of the iteration into metrics['time/<name>'] (seconds)."""
+    started = time.perf_counter()
+    yield
+    metrics[f"time/{name}"] = time.perf_counter() - started
+
+
+def mean_over_ranks(stats: list[dict[str, float]]) -> dict[str, float]:
+    return {name: sum(rank[name] for rank in stats) / len(stats) for name in stats[0]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="PPO on Ray: vLLM rollouts, DeepSpeed learners.")
+    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. ppo.kl_coef=0.1")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        sys.exit(str(error))
+    connect_ray(config)
+    trainer = PPOTrainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
+
+
+if __name__ == "__main__":
+    main()

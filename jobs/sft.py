@@ -1,0 +1,119 @@
+"""Supervised warm start on Ray Train (TorchTrainer) with DeepSpeed ZeRO.
+
+    python -m jobs.sft --config jobs/configs/demo.yaml
+
+Trains the policy on the task's demonstrations (loss on response tokens only) and saves a Hugging Face checkpoint
+through Ray Train's checkpointing; the PPO job runs the same function as its warm start when the config has a
+`warm_start` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from relay.config import ConfigError, RelayConfig, WarmStartSection, load_config
+from relay.data import collate_sft, tokenize_sft_example
+from relay.models import load_tokenizer
+from relay.tasks import get_task, split_examples
+from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    section = WarmStartSection.model_validate(loop_config["section"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    init_distributed()
+
+    tokenizer = load_tokenizer(loop_config["model_path"])
+    per_rank = max(1, section.batch_size // world_size)
+    ds_config = deepspeed_config(
+        zero_stage=section.zero_stage, offload=False, dtype=loop_config["dtype"], micro_batch_size=per_rank,
+        gradient_accumulation_steps=1, world_size=world_size, max_grad_norm=1.0,
+    )
+    model = load_for_training(loop_config["model_path"], "causal_lm", ds_config, loop_config["dtype"])
+    engine = init_engine(model, ds_config, section.learning_rate, weight_decay=0.0)
+    engine.train()
+
+    task = get_task(loop_config["task"])
+    train_examples, _ = split_examples(task, loop_config["train_examples"], loop_config["eval_examples"], loop_config["seed"])
+    rng = random.Random(loop_config["seed"] * 7919 + rank)
+    loss_value = float("nan")
+    for step in range(section.steps):
+        chosen = rng.sample(train_examples, per_rank)
+        batch = collate_sft(
+            [tokenize_sft_example(tokenizer, ex.prompt, task.demonstrate(ex, rng)) for ex in chosen],
+            tokenizer.pad_token_id,
+        )
+        loss = engine(**{name: tensor.to(engine.device) for name, tensor in batch.items()}).loss
+        engine.backward(loss)
+        engine.step()
+        loss_value = loss.item()
+        if (step + 1) % 25 == 0 and step + 1 < section.steps:
+            ray.train.report({"loss": loss_value, "step": step + 1})
+
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(scratch) / "model"
+        save_pretrained(engine.module, tokenizer, section.zero_stage, rank, target)
+        checkpoint = Checkpoint.from_directory(str(target)) if rank == 0 else None
+        ray.train.report({"loss": loss_value, "step": section.steps}, checkpoint=checkpoint)
+
+
+def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
+    """Fine-tune `model_path` on the task's demonstrations; return the path of the saved Hugging Face model."""
+    assert config.warm_start is not None
+    section = config.warm_start
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "section": section.model_dump(),
+            "model_path": model_path,
+            "dtype": config.policy.dtype,
+            "task": config.data.task,
+            "seed": config.data.seed,
+            "train_examples": config.data.train_prompts,
+            "eval_examples": config.data.eval_prompts,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=section.resources.world_size,
+            use_gpu=config.device == "cuda",
+            resources_per_worker={"CPU": section.resources.cpus_per_rank},
+        ),
+        run_config=RunConfig(name="warm_start", storage_path=str(run_dir.resolve() / "ray_train")),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"warm start finished without a checkpoint (error: {result.error})")
+    return result.checkpoint.path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Supervised warm start on Ray Train + DeepSpeed.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        sys.exit(str(error))
+    if config.warm_start is None:
+        sys.exit(f"{args.config}: no warm_start section; nothing to train")
+    from jobs.ppo import connect_ray, prepare_base_model
+
+    run_dir = Path(config.run.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    connect_ray(config)
+    print(f"warm-started model: {run_warm_start(config, prepare_base_model(config, run_dir), run_dir)}")
+
+
+if __name__ == "__main__":
+    main()

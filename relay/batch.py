@@ -1,0 +1,102 @@
+"""The rollout batch: what one PPO iteration generates, scores and trains on.
+
+Padding, once for all: prompts are LEFT-padded and responses RIGHT-padded, so every prompt ends at column Lq - 1
+and every response starts at column Lq of `input_ids`. Masks are 1 on real tokens, 0 on padding. A response's
+last real token is its EOS when generation stopped there, or its last sampled token when it hit max_new_tokens.
+Position ids count real tokens only, which is what vLLM saw when it generated the sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    query_ids: Tensor  # [B, Lq] long, left-padded prompt tokens
+    query_mask: Tensor  # [B, Lq] float, 1 on real prompt tokens
+    response_ids: Tensor  # [B, Lr] long, right-padded sampled tokens
+    response_mask: Tensor  # [B, Lr] float, 1 on real response tokens
+    sampler_logprobs: Tensor  # [B, Lr] float, vLLM's log-probs of the sampled tokens (for the mismatch metric only)
+    prompts: list[str]  # [B] prompt text
+    responses: list[str]  # [B] response text, special tokens removed
+    metadata: list[dict[str, Any]]  # [B] each example's ground truth, for reward functions
+    policy_version: int  # the policy weights that generated the batch (0: the initial policy)
+    # Filled in by the scoring phase (step 3) and the advantage phase (step 4):
+    old_logprobs: Tensor | None = None  # [B, Lr] policy learner's log-probs before this iteration's update
+    ref_logprobs: Tensor | None = None  # [B, Lr] frozen reference policy's log-probs
+    values: Tensor | None = None  # [B, Lr] critic's value of the state before each response token
+    sequence_rewards: Tensor | None = None  # [B] reward of each whole response
+    advantages: Tensor | None = None  # [B, Lr]
+    returns: Tensor | None = None  # [B, Lr]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    @property
+    def input_ids(self) -> Tensor:  # [B, Lq + Lr]
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # [B, Lq + Lr]
+        return torch.cat([self.query_mask, self.response_mask], dim=1).long()
+
+    @property
+    def position_ids(self) -> Tensor:  # [B, Lq + Lr]
+        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def select(self, index: slice | Tensor) -> RolloutBatch:
+        """The rows at `index` (a slice or a 1-D index tensor), every per-row field alike."""
+        rows = range(len(self))[index] if isinstance(index, slice) else index.tolist()
+        chosen: dict[str, Any] = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, Tensor):
+                chosen[item.name] = value[index]
+            elif isinstance(value, list):
+                chosen[item.name] = [value[row] for row in rows]
+        return replace(self, **chosen)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """Every tensor field on `device` (a no-op on CPU)."""
+        moved = {
+            item.name: value.to(device)
+            for item in fields(self)
+            if isinstance(value := getattr(self, item.name), Tensor)
+        }
+        return replace(self, **moved)
+
+    def shard(self, rank: int, world_size: int) -> RolloutBatch:
+        """Rank `rank`'s contiguous share; concatenating the shards in rank order gives the batch back."""
+        size = len(self)
+        if size % world_size:
+            raise ValueError(f"batch of {size} rows does not split evenly over {world_size} ranks")
+        per_rank = size // world_size
+        return self.select(slice(rank * per_rank, (rank + 1) * per_rank))
+
+
+def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row):] = torch.tensor(row)
+            mask[index, width - len(row):] = 1.0
+    return ids, mask
+
+
+def pad_right(rows: list[list[float]] | list[list[int]], pad_value: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    width = max(1, max(len(row) for row in rows))
+    values = torch.full((len(rows), width), pad_value, dtype=dtype)
+    mask = torch.zeros((len(rows), width))
+    for index, row in enumerate(rows):
+        if row:
+            values[index, : len(row)] = torch.tensor(row, dtype=dtype)
+            mask[index, : len(row)] = 1.0
+    return values, mask

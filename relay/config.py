@@ -1,0 +1,270 @@
+"""One typed config tree for a relay run, loaded from YAML plus `dotted.key=value` overrides.
+
+    cfg = load_config("jobs/configs/demo.yaml", ["ppo.kl_coef=0.05", "rollout.num_workers=2"])
+
+Every section forbids unknown keys, and every error names the field's dotted path, so a typo fails at load time,
+before any cluster resource is taken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Resources(Section):
+    """Where the ranks of one role run. On `device: cuda` each rank holds one GPU."""
+
+    num_nodes: int = Field(1, ge=1, description="nodes this role spans")
+    gpus_per_node: int = Field(0, ge=0, description="GPU ranks per node; 0 on device: cpu")
+    cpu_ranks_per_node: int = Field(1, ge=1, description="ranks per node on device: cpu")
+    cpus_per_rank: float = Field(1.0, gt=0, description="CPUs each rank reserves (fractions are fine)")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.cpu_ranks_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.num_nodes * self.ranks_per_node
+
+
+class TrainerSection(Section):
+    """A DeepSpeed ZeRO learner: the policy or the critic."""
+
+    model: str | None = Field(None, description="Hub name or local path; None: see RelayConfig's defaults")
+    resources: Resources = Field(default_factory=Resources)
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    offload: bool = Field(False, description="offload optimizer state (and ZeRO-3 params) to CPU memory")
+    zero3_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3 keeps parameters smaller than this unpartitioned (0: shard all)"
+    )
+    dtype: Dtype = "bfloat16"
+    learning_rate: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1, description="sequences per rank per forward/backward")
+    gradient_checkpointing: bool = False
+
+
+class InferenceSection(Section):
+    """A frozen model that only scores: the reference policy, or a reward model."""
+
+    model: str | None = None
+    resources: Resources = Field(default_factory=Resources)
+    dtype: Dtype = "bfloat16"
+    micro_batch_size: int = Field(8, ge=1)
+
+
+class RewardSection(InferenceSection):
+    """Where the sequence reward comes from."""
+
+    type: Literal["function", "model"] = "function"
+    function: str | None = Field(
+        None, description="`module:function` scoring (prompts, responses, metadata) -> floats; None: the task's"
+    )
+    clip: float | None = Field(None, gt=0, description="clip sequence rewards to [-clip, clip]")
+
+    @model_validator(mode="after")
+    def _source_is_named(self) -> RewardSection:
+        if self.type == "model" and not self.model:
+            raise ValueError("reward.type is 'model' but reward.model is not set")
+        return self
+
+
+class RolloutSection(Section):
+    """The vLLM engines that generate."""
+
+    num_workers: int = Field(1, ge=1, description="vLLM engines; each is its own placement group")
+    tensor_parallel_size: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    dtype: Dtype = "bfloat16"
+    samples_per_prompt: int = Field(4, ge=1)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; PPO's ratio assumes 1.0")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, ge=1)
+    max_model_len: int = Field(2048, ge=16)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of a GPU for vLLM (cuda)")
+    kv_cache_memory_mb: int = Field(256, ge=16, description="KV cache size on device: cpu")
+    enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
+
+
+class PPOSection(Section):
+    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty in the reward")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = Field(None, gt=0, description="set to adapt β towards this KL (Ziegler et al.)")
+    kl_horizon: int = Field(10_000, ge=1, description="adaptive KL horizon in samples")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_ratio: float = Field(0.2, gt=0)
+    value_clip: float | None = Field(0.2, gt=0)
+    ppo_epochs: int = Field(1, ge=1)
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch; the batch is split into this many")
+    entropy_coef: float = Field(0.0, ge=0)
+    whiten_advantages: bool = True
+
+
+class DataSection(Section):
+    task: str = Field("reverse", description="built-in task name or `module:attribute` of a relay.tasks.Task")
+    train_prompts: int = Field(4096, ge=1, description="training prompts drawn from the task")
+    prompts_per_iteration: int = Field(16, ge=1)
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts for the task score")
+    eval_samples_per_prompt: int = Field(4, ge=1, description="samples per held-out prompt (the score is their mean)")
+    seed: int = 0
+
+
+class TinyModelSection(Section):
+    """Build a small random-init Llama and a character tokenizer for the task, instead of loading a model."""
+
+    hidden_size: int = Field(128, ge=64)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=1)
+    max_position_embeddings: int = Field(128, ge=16)
+
+    @model_validator(mode="after")
+    def _head_dim_supported(self) -> TinyModelSection:
+        if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads < 64:
+            raise ValueError("hidden_size / num_heads must be a whole number >= 64 (vLLM's CPU attention needs it)")
+        return self
+
+
+class WarmStartSection(Section):
+    """Supervised fine-tuning on the task's demonstrations before PPO (Ray Train TorchTrainer + DeepSpeed)."""
+
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1, description="sequences per step across all ranks")
+    learning_rate: float = Field(1e-3, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+    zero_stage: Literal[2, 3] = 2
+
+
+class RaySection(Section):
+    address: str | None = Field(None, description="None: the cluster of the job (or RAY_ADDRESS), else local")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance started by relay")
+    namespace: str = "relay"
+
+
+class RunSection(Section):
+    name: str = "relay"
+    output_dir: str = Field("runs/relay", description="run directory: metrics, checkpoints, final model")
+    iterations: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0, description="evaluate every N iterations (0: only at start and end)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N iterations (0: only at the end)")
+    resume: Literal["auto", "never"] = "auto"
+    seed: int = 0
+
+
+class RelayConfig(Section):
+    run: RunSection = Field(default_factory=RunSection)
+    device: Device = "cpu"
+    ray: RaySection = Field(default_factory=RaySection)
+    data: DataSection = Field(default_factory=DataSection)
+    tiny_model: TinyModelSection | None = None
+    warm_start: WarmStartSection | None = None
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    policy: TrainerSection = Field(default_factory=TrainerSection)
+    critic: TrainerSection = Field(default_factory=TrainerSection)
+    reference: InferenceSection = Field(default_factory=InferenceSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelayConfig:
+        if (self.policy.model is None) == (self.tiny_model is None):
+            raise ValueError("set exactly one of policy.model (a Hub name or path) and tiny_model")
+        learner_roles = {"policy": self.policy.resources, "critic": self.critic.resources,
+                         "reference": self.reference.resources, "reward": self.reward.resources}
+        if self.warm_start is not None:
+            learner_roles["warm_start"] = self.warm_start.resources
+        for role, resources in learner_roles.items():
+            if self.device == "cuda" and resources.gpus_per_node == 0:
+                raise ValueError(f"{role}.resources.gpus_per_node must be >= 1 with device: cuda")
+            if self.device == "cpu" and resources.gpus_per_node > 0:
+                raise ValueError(f"{role}.resources.gpus_per_node must be 0 with device: cpu")
+        if self.device == "cpu" and self.rollout.tensor_parallel_size > 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 needs device: cuda")
+        samples = self.data.prompts_per_iteration * self.rollout.samples_per_prompt
+        for role in ("policy", "critic"):
+            section: TrainerSection = getattr(self, role)
+            per_step = section.resources.world_size * section.micro_batch_size * self.ppo.mini_batches
+            if samples % per_step:
+                raise ValueError(
+                    f"data.prompts_per_iteration × rollout.samples_per_prompt = {samples} samples must divide evenly "
+                    f"into {role}: world_size {section.resources.world_size} × micro_batch_size "
+                    f"{section.micro_batch_size} × ppo.mini_batches {self.ppo.mini_batches} = {per_step}"
+                )
+        return self
+
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.data.prompts_per_iteration * self.rollout.samples_per_prompt
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b.c=value` entries in a nested dict; values are parsed as YAML (so `0.1`, `true`, `null` work)."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form dotted.key=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parents[: depth + 1])} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return tree
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {path}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RelayConfig:
+    """Read a YAML file (or start from defaults) and apply overrides; raise ConfigError naming the bad field."""
+    tree: dict[str, Any] = {}
+    source = "(defaults)"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return RelayConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def dump_config(config: RelayConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

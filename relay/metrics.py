@@ -1,0 +1,74 @@
+"""One place that records a metric and feeds every sink: the Ray dashboard (`ray.util.metrics`), TensorBoard and
+a JSONL log. Names are namespaced (`losses/policy`, `time/generate`); Ray's name is derived by one fixed rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+RAY_METRIC_PREFIX = "relay_"
+
+
+def ray_metric_name(name: str) -> str:
+    """`losses/clipfrac` → `relay_losses_clipfrac` (Ray accepts only [a-zA-Z_:][a-zA-Z0-9_:]*)."""
+    return RAY_METRIC_PREFIX + re.sub(r"[^a-zA-Z0-9_:]", "_", name)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, tags: dict[str, str]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tags = tags
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.gauges: dict[str, Any] = {}
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        with self.jsonl_path.open("a") as sink:
+            sink.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, iteration)
+            self._gauge(name).set(value, tags=self.tags)
+        self.writer.flush()
+
+    def _gauge(self, name: str) -> Any:
+        if name not in self.gauges:
+            from ray.util.metrics import Gauge
+
+            self.gauges[name] = Gauge(ray_metric_name(name), description=name, tag_keys=tuple(self.tags))
+        return self.gauges[name]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def read_metrics(jsonl_path: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in jsonl_path.read_text().splitlines() if line.strip()]
+
+
+def all_finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(value) for value in metrics.values())
+
+
+def plot_reward_curve(jsonl_path: Path, png_path: Path, eval_points: list[tuple[int, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row for row in read_metrics(jsonl_path) if "reward/mean" in row]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot([row["iteration"] for row in rows], [row["reward/mean"] for row in rows], label="training reward (mean)")
+    if eval_points:
+        axis.plot(*zip(*eval_points), "o-", label="held-out task score")
+    axis.set_xlabel("PPO iteration")
+    axis.set_ylabel("reward")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)

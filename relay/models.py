@@ -1,0 +1,126 @@
+"""Load the models of a run from a Hub name or a local path, and build the tiny model the demo and tests use.
+
+Model kinds, all plain transformers classes so every checkpoint is Hugging Face format:
+- policy and reference: `AutoModelForCausalLM`;
+- critic: `AutoModelForTokenClassification` with one label, a value per token. Its head is named `score`, like
+  the reward model's, so a critic initialised from a reward model starts from the reward head;
+- reward model: `AutoModelForSequenceClassification` with one label (the score of the last real token).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from relay.batch import RolloutBatch
+from relay.config import Dtype, TinyModelSection
+
+ModelKind = Literal["causal_lm", "critic", "reward"]
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: Dtype) -> torch.dtype:
+    return TORCH_DTYPES[dtype]
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        # Padding never reaches a loss (masks cover it), so reusing EOS is safe and what TRL/OpenRLHF do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, kind: ModelKind, dtype: Dtype, pad_token_id: int | None = None) -> PreTrainedModel:
+    dtype_ = torch_dtype(dtype)
+    if kind == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype_)
+    model_class = AutoModelForTokenClassification if kind == "critic" else AutoModelForSequenceClassification
+    model = model_class.from_pretrained(path, num_labels=1, dtype=dtype_)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def build_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over `alphabet`, with BOS prepended, that transformers and vLLM both load."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + sorted(set(alphabet)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def build_tiny_model(section: TinyModelSection, alphabet: str, path: Path, seed: int) -> Path:
+    """Save a random-init Llama and its character tokenizer to `path` (written whole, then renamed)."""
+    tokenizer = build_tokenizer(alphabet)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=section.hidden_size,
+        intermediate_size=section.intermediate_size,
+        num_hidden_layers=section.num_layers,
+        num_attention_heads=section.num_heads,
+        num_key_value_heads=section.num_heads,
+        max_position_embeddings=section.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    partial = path.with_name(path.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)
+    partial.rename(path)
+    return path
+
+
+def response_logits(model: torch.nn.Module, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+    """Logits [B, Lr, V] that predicted each response token, scaled as the sampler scaled them."""
+    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    query_length = batch.query_ids.shape[1]
+    return output.logits[:, query_length - 1 : -1].float() / temperature
+
+
+def response_values(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """The critic's value [B, Lr] of the state before each response token."""
+    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    query_length = batch.query_ids.shape[1]
+    return output.logits[:, query_length - 1 : -1, 0].float()
+
+
+def sequence_scores(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+    """A reward model's score [B] of each whole sequence, read at its last real token."""
+    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    # transformers reads the score at the rightmost token that is not pad_token_id: with right-padded responses
+    # that is the response's last real token (load_model sets pad_token_id from the tokenizer).
+    return output.logits[:, 0].float()
+
+
+@torch.no_grad()
+def score_in_micro_batches(
+    batch: RolloutBatch, micro_batch_size: int, score: Callable[[RolloutBatch], torch.Tensor]
+) -> torch.Tensor:
+    """Apply `score` to slices of at most `micro_batch_size` rows and concatenate the results in order."""
+    parts = [score(batch.select(slice(start, start + micro_batch_size))) for start in range(0, len(batch), micro_batch_size)]
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,278 @@
+"""PPO math for language-model policies: pure tensor functions, no I/O, no model code.
+
+Conventions used throughout:
+
+- ``B`` is the batch size, ``L`` the (padded) response length, ``V`` the vocabulary size.
+- Responses are right-padded. ``response_mask`` [B, L] is 1.0 on real response tokens
+  (including the final EOS) and 0.0 on padding, so row ``b`` has its real tokens at
+  positions ``0 .. response_mask[b].sum() - 1``.
+- Per-token outputs are 0 on padding positions, and whatever sits in padded positions of an
+  input never reaches a real position of an output.
+- Everything is computed in float32, whatever the dtype of the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of each label under its logits.
+
+    logits [B, L, V], labels [B, L] (long) -> log p(labels) [B, L], float32.
+    """
+    rows = []
+    # Row by row, so only one row of logits is up-cast to float32 at a time: a full
+    # [B, L, V] float32 copy of bf16 logits is often the largest tensor in the step.
+    for row_logits, row_labels in zip(logits, labels):
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at each position.
+
+    logits [B, L, V] -> entropy [B, L], float32 (nats).
+    """
+    rows = []
+    # Row by row for the same memory reason as token_logprobs.
+    for row_logits in logits:
+        logp = torch.log_softmax(row_logits.float(), dim=-1)
+        rows.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.stack(rows)
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` where ``mask`` is 1: over everything ([]), or along ``dim``."""
+    masked = values.float() * mask
+    return masked.sum() if dim is None else masked.sum(dim=dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over the entries where ``mask`` is 1: over everything ([]), or along ``dim``.
+
+    An empty mask gives 0 rather than NaN, so a fully padded row or batch yields a zero loss.
+    """
+    count = mask.float().sum() if dim is None else mask.float().sum(dim=dim)
+    return masked_sum(values, mask, dim) / count.clamp(min=1.0)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``values`` over all entries where ``mask`` is 1 -> [].
+
+    With ``unbiased`` and fewer than two entries the variance is undefined; 0 is returned.
+    """
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values.float() - mean) ** 2, mask)
+    if unbiased:
+        count = mask.float().sum()
+        # clamp keeps counts 0 and 1 finite: the biased variance there is already 0.
+        variance = variance * count / (count - 1.0).clamp(min=1.0)
+    return variance
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``values`` [B, L] to mean 0 and variance 1 over all masked entries of the batch.
+
+    With ``shift_mean=False`` only the scale changes (the mean is added back). Padding -> 0.
+    """
+    mean = masked_mean(values, mask)
+    whitened = (values.float() - mean) * torch.rsqrt(masked_var(values, mask) + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -> Tensor:
+    """Per-token estimate of KL(policy || ref) from tokens sampled from the policy.
+
+    logprobs, ref_logprobs [B, L] -> [B, L]. With log_ratio = logprobs - ref_logprobs
+    (Schulman, http://joschu.net/blog/kl-approx.html):
+    k1 = log_ratio (unbiased, high variance, can be negative);
+    k2 = 0.5 * log_ratio**2 (biased, low variance, >= 0);
+    k3 = exp(-log_ratio) - 1 + log_ratio (unbiased, low variance, >= 0).
+    """
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of 'k1', 'k2', 'k3'")
+
+
+def token_rewards(
+    sequence_rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    response_mask: Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards: a KL penalty on every real token plus the sequence reward on the last one.
+
+    sequence_rewards [B]; logprobs, ref_logprobs, response_mask [B, L].
+    Returns (rewards [B, L], kl [B, L]) with rewards = -kl_coef * kl, and
+    ``sequence_rewards[b]`` added at index ``response_mask[b].sum() - 1``. Both are 0 on padding.
+    A row with no real tokens gets no reward anywhere (all zeros).
+    """
+    mask = response_mask.float()
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    rewards = -kl_coef * kl
+    lengths = mask.sum(dim=1).long()
+    last = (lengths - 1).clamp(min=0).unsqueeze(1)
+    # Zeroing the reward of empty rows, rather than indexing them, keeps this free of a host sync.
+    score = (sequence_rewards.float() * (lengths > 0)).unsqueeze(1)
+    return rewards.scatter_add(1, last, score), kl
+
+
+def gae(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over right-padded rows.
+
+    rewards, values, response_mask [B, L]. The episode ends after the last real token, so the
+    value after it is 0. Returns (advantages [B, L], returns [B, L]), returns = advantages + values;
+    both 0 on padding.
+    """
+    mask = response_mask.float()
+    # Zeroed padding makes next_value at the last real token 0, and keeps the running
+    # advantage at 0 while the scan crosses the padding.
+    rewards = rewards.float() * mask
+    values = values.float() * mask
+    length = rewards.shape[1]
+    next_value = torch.zeros_like(values[:, 0])
+    running = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(length)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+@dataclass(frozen=True)
+class PolicyLossStats:
+    """Diagnostics of one policy-loss evaluation (scalar, detached tensors)."""
+
+    clipfrac: Tensor
+    approx_kl: Tensor
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_ratio: float,
+) -> tuple[Tensor, PolicyLossStats]:
+    """PPO clipped surrogate loss (to minimise), averaged over real tokens.
+
+    logprobs, old_logprobs, advantages, response_mask [B, L] -> (loss [], stats).
+    With r = exp(logprobs - old_logprobs):
+    loss = masked_mean(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio))).
+    clipfrac is the fraction of real tokens where the clipped term is the larger one;
+    approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)**2).
+    """
+    advantages = advantages.float()
+    log_ratio = logprobs.float() - old_logprobs.float()
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
+    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            clipfrac=masked_mean((clipped > unclipped).float(), response_mask),
+            approx_kl=masked_mean(0.5 * log_ratio**2, response_mask),
+        )
+    return loss, stats
+
+
+@dataclass(frozen=True)
+class ValueLossStats:
+    """Diagnostics of one value-loss evaluation (scalar, detached tensor)."""
+
+    clipfrac: Tensor
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    response_mask: Tensor,
+    clip_range: float | None,
+) -> tuple[Tensor, ValueLossStats]:
+    """Critic loss, optionally with PPO-style value clipping, averaged over real tokens.
+
+    values, old_values, returns, response_mask [B, L] -> (loss [], stats).
+    With v_clipped = old_values + clamp(values - old_values, -clip_range, clip_range):
+    loss = 0.5 * masked_mean(max((values - returns)**2, (v_clipped - returns)**2)).
+    With clip_range None: loss = 0.5 * masked_mean((values - returns)**2) and clipfrac 0.
+    """
+    values = values.float()
+    returns = returns.float()
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        loss = 0.5 * masked_mean(unclipped, response_mask)
+        return loss, ValueLossStats(clipfrac=torch.zeros((), device=values.device))
+    old_values = old_values.float()
+    values_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
+    return loss, ValueLossStats(clipfrac=clipfrac)
+
+
+class AdaptiveKLController:
+    """KL coefficient that tracks a target KL (Ziegler et al. 2019, "Fine-Tuning LMs from Human Preferences").
+
+    Each update moves the coefficient by at most 20% * n_steps / horizon, up when the
+    measured KL is above target and down when below.
+    """
+
+    def __init__(self, init_kl_coef: float, target_kl: float, horizon: int) -> None:
+        if target_kl <= 0:
+            raise ValueError(f"target_kl must be positive, got {target_kl}")
+        if horizon <= 0:
+            raise ValueError(f"horizon must be positive, got {horizon}")
+        self.value: float = float(init_kl_coef)
+        self.target_kl = float(target_kl)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target_kl - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class FixedKLController:
+    """Constant KL coefficient, with the same interface as AdaptiveKLController."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value: float = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient is fixed."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])

@@ -1,0 +1,119 @@
+"""DeepSpeed ZeRO set-up shared by every trainer in relay: the PPO learners, the SFT warm start, the reward model.
+
+One config builder, one engine factory, one way to get full weights out of a (possibly partitioned) model, so the
+three jobs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import deepspeed
+import torch
+from transformers import PreTrainedModel
+
+from relay.config import Dtype
+from relay.models import ModelKind, load_model
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    offload: bool,
+    dtype: Dtype,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    world_size: int,
+    max_grad_norm: float,
+    persistence_threshold: int = 100_000,
+) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = persistence_threshold
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_distributed() -> None:
+    """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE (set by ActorGroup or Ray Train)."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def load_for_training(
+    path: str, kind: ModelKind, ds_config: dict[str, Any], dtype: Dtype, pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """Load weights; under ZeRO-3 they are partitioned as they load, so no rank ever holds the whole model."""
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers' from_pretrained enters deepspeed.zero.Init while this object is alive.
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        return load_model(path, kind, dtype, pad_token_id)
+    return load_model(path, kind, dtype, pad_token_id)
+
+
+def init_engine(
+    model: PreTrainedModel, ds_config: dict[str, Any], learning_rate: float, weight_decay: float
+) -> deepspeed.DeepSpeedEngine:
+    # torch's AdamW needs no JIT build, unlike DeepSpeed's fused/CPU Adam (1.5-2 min on a CPU machine).
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=learning_rate, weight_decay=weight_decay
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def full_parameters(model: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter in full, one at a time, as a CPU copy. Under ZeRO-3 every rank must iterate in step."""
+    for name, parameter in model.named_parameters():
+        if zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+                yield name, parameter.detach().cpu().clone()
+        else:
+            yield name, parameter.detach().cpu().clone()
+
+
+def full_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (None elsewhere); all ranks must call it together under ZeRO-3."""
+    state = {name: tensor for name, tensor in full_parameters(model, zero_stage) if rank == 0}
+    if rank != 0:
+        return None
+    for name, buffer in model.named_buffers():
+        if name in model.state_dict():
+            state[name] = buffer.detach().cpu().clone()
+    return state
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: Any, zero_stage: int, rank: int, path: Path) -> None:
+    """Hugging Face format, whole, written by rank 0 into `path.partial` and renamed when complete."""
+    state = full_state_dict(model, zero_stage, rank)
+    if rank != 0:
+        return
+    partial = path.with_name(path.name + ".partial")
+    model.save_pretrained(partial, state_dict=state)
+    tokenizer.save_pretrained(partial)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    partial.rename(path)

@@ -116,6 +116,10 @@ class Learner:
             "critic/value_error": ppo.masked_mean((values.detach() - part.returns) ** 2, mask).item(),
         }
 
+    def local_parameter_count(self) -> int:
+        """Parameter elements this rank holds (under ZeRO-3 its partition only)."""
+        return sum(getattr(p, "ds_tensor", p).numel() for p in self.engine.module.parameters())
+
     def full_weights(self) -> dict[str, torch.Tensor] | None:
         """The whole model on rank 0 (None on the others); all ranks must call it together."""
         return full_state_dict(self.engine.module, self.section.zero_stage, self.rank)

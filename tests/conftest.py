@@ -1,0 +1,57 @@
+"""Shared fixtures: one local Ray instance for the whole session and one tiny model built on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.config import RelayConfig, load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
+
+
+def tiny_run_config(output_dir: Path, *overrides: str) -> RelayConfig:
+    """The demo config cut down to seconds: few prompts, short responses, a short warm start."""
+    return load_config(
+        DEMO_CONFIG,
+        [
+            f"run.output_dir={output_dir}",
+            "run.iterations=2",
+            "run.eval_every=0",
+            "run.checkpoint_every=0",
+            "data.train_prompts=256",
+            "data.prompts_per_iteration=8",
+            "data.eval_prompts=8",
+            "data.eval_samples_per_prompt=2",
+            "rollout.samples_per_prompt=2",
+            "rollout.max_new_tokens=8",
+            "policy.micro_batch_size=4",
+            "critic.micro_batch_size=4",
+            "ppo.mini_batches=1",
+            "warm_start=null",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    ray.init(address="local", num_cpus=8, namespace="relay-tests", include_dashboard=False,
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from relay.config import TinyModelSection
+    from relay.models import build_tiny_model
+    from relay.tasks import get_task
+
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    return build_tiny_model(TinyModelSection(), get_task("reverse").alphabet, path, seed=0)

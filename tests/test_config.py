@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from relay.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    config = load_config(path)
+    assert config.samples_per_iteration > 0
+
+
+def test_gpu_configs_ask_for_gpus():
+    for name in ("qwen2.5-1.5b-1node.yaml", "llama3-8b-multinode.yaml"):
+        config = load_config(CONFIGS / name)
+        assert config.device == "cuda"
+        assert config.policy.resources.gpus_per_node >= 1
+        assert config.policy.model and config.tiny_model is None
+    multinode = load_config(CONFIGS / "llama3-8b-multinode.yaml")
+    assert multinode.policy.resources.num_nodes > 1
+    assert multinode.policy.zero_stage == 3
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config(CONFIGS / "demo.yaml", ["ppo.kl_coef=0.5", "rollout.num_workers=2", "ppo.value_clip=null"])
+    assert config.ppo.kl_coef == 0.5
+    assert config.rollout.num_workers == 2
+    assert config.ppo.value_clip is None
+
+
+def test_unknown_key_names_its_dotted_path():
+    with pytest.raises(ConfigError, match=r"ppo\.kl_coeff: unknown key"):
+        load_config(CONFIGS / "demo.yaml", ["ppo.kl_coeff=0.1"])
+
+
+def test_bad_value_names_field_and_file():
+    with pytest.raises(ConfigError, match=r"demo\.yaml[\s\S]*rollout\.temperature: Input should be greater than 0"):
+        load_config(CONFIGS / "demo.yaml", ["rollout.temperature=0"])
+
+
+def test_batch_must_split_over_learner_ranks():
+    with pytest.raises(ConfigError, match="must divide evenly into policy"):
+        load_config(CONFIGS / "demo.yaml", ["policy.resources.cpu_ranks_per_node=3"])
+
+
+def test_exactly_one_policy_source():
+    with pytest.raises(ConfigError, match="exactly one of policy.model"):
+        load_config(CONFIGS / "demo.yaml", ["policy.model=gpt2"])
+    with pytest.raises(ConfigError, match="exactly one of policy.model"):
+        load_config(None, [])
+
+
+def test_device_and_gpus_agree():
+    with pytest.raises(ConfigError, match="policy.resources.gpus_per_node must be >= 1 with device: cuda"):
+        load_config(CONFIGS / "demo.yaml", ["device=cuda"])
+
+
+def test_reward_model_needs_a_path():
+    with pytest.raises(ConfigError, match="reward.model is not set"):
+        load_config(CONFIGS / "demo.yaml", ["reward.type=model"])
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(CONFIGS / "demo.yaml", ["ppo.kl_coef"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)

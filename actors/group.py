@@ -36,7 +36,7 @@ def _master_address() -> tuple[str, int]:
 
 
 class ActorGroup:
-    """`world_size` actors of `actor_class`, named `{name}-{rank}`, in one placement group.
+    """`world_size` actors of `actor_class`, named `{name}-{rank}` in `namespace`, in one placement group.
 
     Each actor's constructor gets `rank` and `world_size` as keywords, plus the environment that
     torch.distributed reads (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK).
@@ -49,6 +49,7 @@ class ActorGroup:
         resources: Resources,
         *,
         use_gpu: bool,
+        namespace: str,
         env: dict[str, str] | None = None,
         **actor_kwargs: Any,
     ) -> None:
@@ -56,7 +57,7 @@ class ActorGroup:
         self.world_size = resources.world_size
         gpus = 1 if use_gpu else 0
         self.placement_group: PlacementGroup = placement_group(
-            [bundle(resources.cpus_per_rank, gpus)] * self.world_size, strategy="PACK", name=f"relay-{name}"
+            [bundle(resources.cpus_per_rank, gpus)] * self.world_size, strategy="PACK"
         )
         ray.get(self.placement_group.ready())
         # The rendezvous lives where rank 0 will run: the node of bundle 0.
@@ -80,6 +81,7 @@ class ActorGroup:
             self.actors.append(
                 remote_class.options(
                     name=f"{name}-{rank}",
+                    namespace=namespace,
                     num_cpus=resources.cpus_per_rank,
                     num_gpus=gpus,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),

@@ -118,9 +118,10 @@ class RolloutFleet:
             bundles = [bundle(rollout.cpus_per_worker, gpus)] + [
                 bundle(0, gpus) for _ in range(rollout.tensor_parallel_size - 1)
             ]
-            group = placement_group(bundles, strategy="STRICT_PACK", name=f"relay-rollout-{index}")
+            group = placement_group(bundles, strategy="STRICT_PACK")
             worker = remote_class.options(
                 name=f"rollout-{index}",
+                namespace=self.config.actor_namespace,
                 num_cpus=rollout.cpus_per_worker,
                 num_gpus=actor_gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0, placement_group_capture_child_tasks=True),

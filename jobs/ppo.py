@@ -142,14 +142,14 @@ class PPOTrainer:
         )
         if checkpoint is not None:
             critic_path = str(checkpoint / "critic")
-        use_gpu = config.device == "cuda"
-        self.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=use_gpu,
+        placement = {"use_gpu": config.device == "cuda", "namespace": config.actor_namespace}
+        self.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, **placement,
                                  role="policy", config=config, model_path=policy_path)
-        self.critic = ActorGroup(Learner, "critic-learner", config.critic.resources, use_gpu=use_gpu,
+        self.critic = ActorGroup(Learner, "critic-learner", config.critic.resources, **placement,
                                  role="critic", config=config, model_path=critic_path)
-        self.reference = ActorGroup(Reference, "reference", config.reference.resources, use_gpu=use_gpu,
+        self.reference = ActorGroup(Reference, "reference", config.reference.resources, **placement,
                                     config=config, model_path=self.state.reference_model)
-        self.reward = ActorGroup(RewardScorer, "reward", config.reward.resources, use_gpu=use_gpu, config=config)
+        self.reward = ActorGroup(RewardScorer, "reward", config.reward.resources, **placement, config=config)
         if checkpoint is not None:
             ray.get(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)))
         self.metrics = MetricsLogger(self.run_dir, tags={"run": config.run.name, "role": "driver"})

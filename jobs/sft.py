@@ -58,7 +58,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
         loss_value = loss.item()
-        if (step + 1) % 25 == 0 and step + 1 < section.steps:
+        if (step + 1) % 100 == 0 and step + 1 < section.steps:
             ray.train.report({"loss": loss_value, "step": step + 1})
 
     with tempfile.TemporaryDirectory() as scratch:

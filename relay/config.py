@@ -211,6 +211,11 @@ class RelayConfig(Section):
         return self
 
     @property
+    def actor_namespace(self) -> str:
+        """Ray namespace of the run's named actors (`rollout-0`, `policy-learner-1`, …): one per run name."""
+        return f"{self.ray.namespace}-{self.run.name}"
+
+    @property
     def samples_per_iteration(self) -> int:
         return self.data.prompts_per_iteration * self.rollout.samples_per_prompt
 

@@ -18,6 +18,7 @@ def tiny_run_config(output_dir: Path, *overrides: str) -> RelayConfig:
         DEMO_CONFIG,
         [
             f"run.output_dir={output_dir}",
+            f"run.name={Path(output_dir).name}",
             "run.iterations=2",
             "run.eval_every=0",
             "run.checkpoint_every=0",

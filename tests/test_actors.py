@@ -32,7 +32,7 @@ def setup(ray_session, tiny_model, tmp_path_factory):
         "policy.learning_rate=0.01",
     )
     fleet = RolloutFleet(config, str(tiny_model))
-    policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=False,
+    policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=False, namespace=config.actor_namespace,
                         role="policy", config=config, model_path=str(tiny_model))
     yield config, fleet, policy
     fleet.shutdown()
@@ -51,14 +51,14 @@ def test_fleet_splits_prompts_and_returns_each_once_in_order(setup, tiny_model):
     config, fleet, _ = setup
     tokenizer = load_tokenizer(str(tiny_model))
     prompts = [[*tokenize_prompt(tokenizer, f"{n:0{3 + n % 3}d}=")] for n in range(7)]  # 7 prompts over 2 workers
-    split = fleet.generate(prompts, samples_per_prompt=2, temperature=0.0, seed=0)
+    split = fleet.generate(prompts, samples_per_prompt=1, temperature=0.0, seed=0)
     # The same prompts on worker 0 alone: greedy decoding makes the answers comparable prompt by prompt.
-    alone = ray.get(fleet.workers[0].generate.remote(prompts, 2, 0.0, 0))
+    alone = ray.get(fleet.workers[0].generate.remote(prompts, 1, 0.0, 0))
     assert len(split) == len(prompts)
     assert [[s.token_ids for s in samples] for samples in split] == [[s.token_ids for s in samples] for samples in alone]
-    for samples in split:
-        assert len(samples) == 2
-        assert all(len(s.logprobs) == len(s.token_ids) > 0 for s in samples)
+    sampled = fleet.generate(prompts, samples_per_prompt=3, temperature=1.0, seed=0)
+    assert [len(samples) for samples in sampled] == [3] * len(prompts)
+    assert all(len(s.logprobs) == len(s.token_ids) > 0 for samples in sampled for s in samples)
 
 
 def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model):
@@ -100,11 +100,11 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
 def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, tiny_model, tmp_path):
     config = tiny_run_config(tmp_path)
     fleet = RolloutFleet(config, str(tiny_model))
-    reference = ActorGroup(Reference, "reference", config.reference.resources, use_gpu=False,
+    reference = ActorGroup(Reference, "reference", config.reference.resources, use_gpu=False, namespace=config.actor_namespace,
                            config=config, model_path=str(tiny_model))
-    critic = ActorGroup(Learner, "critic-learner", config.critic.resources, use_gpu=False,
+    critic = ActorGroup(Learner, "critic-learner", config.critic.resources, use_gpu=False, namespace=config.actor_namespace,
                         role="critic", config=config, model_path=str(tiny_model))
-    reward = ActorGroup(RewardScorer, "reward", config.reward.resources, use_gpu=False, config=config)
+    reward = ActorGroup(RewardScorer, "reward", config.reward.resources, use_gpu=False, namespace=config.actor_namespace, config=config)
     try:
         trainer, batch = make_batch(config, fleet, tiny_model)
         batch_ref = ray.put(batch)

@@ -89,6 +89,10 @@ class ActorGroup:
                 ).remote(rank=rank, world_size=self.world_size, **actor_kwargs)
             )
 
+    def wait_ready(self) -> None:
+        """Block until every rank's constructor has finished (model loaded, engine built)."""
+        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call `method` on every rank with the same arguments; one reference per rank, in rank order."""
         return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]

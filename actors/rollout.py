@@ -4,6 +4,7 @@ placement group, so the fleet can grow or shrink one engine at a time.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.group import bundle
 from relay.config import RelayConfig
 
-# The engine runs inside the actor's own process; the default multiprocess engine would start another process
-# per worker and hand `collective_rpc` arguments over as lists rather than tensors.
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# The engine runs inside the actor's own process (the default multiprocess engine would start another process
+# per worker and hand `collective_rpc` arguments over as lists rather than tensors); its INFO lines would drown
+# the job log's one line per iteration.
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+RETIRE_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)
@@ -28,8 +31,12 @@ class Sample:
 
 
 class RolloutWorker:
+    """A vLLM engine built with vLLM's own Ray stat logger, so its queue, KV-cache and throughput metrics reach
+    the Ray dashboard (`ray_vllm:*`) next to relay's."""
+
     def __init__(self, config: RelayConfig, model_path: str, index: int) -> None:
-        from vllm import LLM
+        from vllm import EngineArgs, LLMEngine
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.index = index
         self.rollout = config.rollout
@@ -40,7 +47,7 @@ class RolloutWorker:
             memory = {"kv_cache_memory_bytes": self.rollout.kv_cache_memory_mb * 2**20}
         else:
             memory = {"gpu_memory_utilization": self.rollout.gpu_memory_utilization}
-        self.llm = LLM(
+        engine_args = EngineArgs(
             model=model_path,
             dtype=self.rollout.dtype,
             tensor_parallel_size=self.rollout.tensor_parallel_size,
@@ -50,15 +57,18 @@ class RolloutWorker:
             seed=config.run.seed + index,
             # Log-probs of the distribution actually sampled from (after temperature), as the learner computes them.
             logprobs_mode="processed_logprobs",
+            disable_log_stats=False,
             **memory,
         )
+        self.engine = LLMEngine.from_engine_args(engine_args, stat_loggers=[RayPrometheusStatLogger])
+        self._request_ids = itertools.count()
 
     def generate(
         self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seed: int | None = None
     ) -> list[list[Sample]]:
         """`samples_per_prompt` samples for each prompt, in prompt order."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         params = SamplingParams(
             n=samples_per_prompt,
@@ -67,46 +77,72 @@ class RolloutWorker:
             max_tokens=self.rollout.max_new_tokens,
             logprobs=0,
             seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids], params, use_tqdm=False)
-        return [
-            [
-                Sample(
-                    token_ids=list(completion.token_ids),
-                    logprobs=[step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
-                )
-                for completion in output.outputs
-            ]
-            for output in outputs
-        ]
+        position = {}
+        for prompt_index, ids in enumerate(prompt_token_ids):
+            request_id = str(next(self._request_ids))
+            position[request_id] = prompt_index
+            self.engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+        results: list[list[Sample]] = [[] for _ in prompt_token_ids]
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    results[position[output.request_id]] = [
+                        Sample(
+                            token_ids=list(completion.token_ids),
+                            logprobs=[step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+                        )
+                        for completion in output.outputs
+                    ]
+        return results
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> int:
         """Load the policy learner's full weights in place (vLLM's own reload) and record their version."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
-        self.llm.reset_prefix_cache()
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+        self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version
 
     def load_weights_from(self, model_path: str, policy_version: int) -> int:
         """Load weights from a Hugging Face checkpoint directory, in place."""
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-        self.llm.reset_prefix_cache()
+        self.engine.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+        self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version
 
 
+@dataclass
+class _Member:
+    index: int
+    worker: Any  # the RolloutWorker actor handle
+    placement_group: Any
+    ready: ray.ObjectRef  # resolves once the engine is up (the actor's constructor has finished)
+
+
 class RolloutFleet:
-    """The run's vLLM engines, named `rollout-<i>`, each in a placement group of `tensor_parallel_size` bundles."""
+    """The run's vLLM engines, named `rollout-<i>`, each in a placement group of `tensor_parallel_size` bundles.
+
+    Engines are *active* (they generate) or *pending* (placement group not placed yet, or engine still starting).
+    A pending engine joins at an iteration boundary, after it has loaded the current policy weights; until then
+    the run goes on with the active ones. Pending placement groups are what the Ray autoscaler sees.
+    """
 
     def __init__(self, config: RelayConfig, model_path: str) -> None:
         self.config = config
         self.model_path = model_path
-        self.workers: list[Any] = []
-        self.placement_groups: list[Any] = []
+        self.active: list[_Member] = []
+        self.pending: list[_Member] = []
         self._next_index = 0
-        self.add(config.rollout.num_workers)
+        self._add(config.rollout.num_workers)
+        ray.get([member.ready for member in self.pending])  # the first engines are waited for
+        self.active, self.pending = self.pending, []
 
-    def add(self, count: int) -> None:
+    @property
+    def workers(self) -> list[Any]:
+        return [member.worker for member in self.active]
+
+    def _add(self, count: int) -> None:
         rollout = self.config.rollout
         gpus = 1 if self.config.device == "cuda" else 0
         # With tensor parallelism the engine's own Ray workers take the GPU bundles; the actor holds only CPUs.
@@ -127,32 +163,66 @@ class RolloutFleet:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0, placement_group_capture_child_tasks=True),
                 runtime_env={"env_vars": {**ENGINE_ENV, **_passthrough_env()}},
             ).remote(self.config, self.model_path, index)
-            self.workers.append(worker)
-            self.placement_groups.append(group)
+            self.pending.append(_Member(index, worker, group, worker.__ray_ready__.remote()))
+
+    def resize(self, target: int) -> None:
+        """Ask for `target` engines: start new ones (pending), or retire the newest (pending ones first)."""
+        surplus = len(self.active) + len(self.pending) - target
+        if surplus < 0:
+            self._add(-surplus)
+        while surplus > 0 and self.pending:
+            self._retire(self.pending.pop(), started=False)
+            surplus -= 1
+        while surplus > 0 and len(self.active) > 1:
+            self._retire(self.active.pop(), started=True)
+            surplus -= 1
+
+    def take_ready(self) -> list[Any]:
+        """Pending engines that are up now; they must load the current weights, then `activate` them."""
+        if not self.pending:
+            return []
+        ready_refs, _ = ray.wait([member.ready for member in self.pending], num_returns=len(self.pending), timeout=0)
+        return [member.worker for member in self.pending if member.ready in ready_refs]
+
+    def activate(self, workers: list[Any]) -> None:
+        joining = [member for member in self.pending if member.worker in workers]
+        self.pending = [member for member in self.pending if member not in joining]
+        self.active += joining
 
     def generate(
         self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seed: int
     ) -> list[list[Sample]]:
-        """Split the prompts over the engines in contiguous chunks; results come back in prompt order."""
-        chunks = _split_evenly(prompt_token_ids, len(self.workers))
+        """Split the prompts over the active engines in contiguous chunks; results come back in prompt order."""
+        chunks = _split_evenly(prompt_token_ids, len(self.active))
         calls = [
-            worker.generate.remote(chunk, samples_per_prompt, temperature, seed + index)
-            for index, (worker, chunk) in enumerate(zip(self.workers, chunks))
+            member.worker.generate.remote(chunk, samples_per_prompt, temperature, seed + member.index)
+            for member, chunk in zip(self.active, chunks)
             if chunk
         ]
         return [samples for part in ray.get(calls) for samples in part]
 
-    def load_weights(self, state_dict_ref: ray.ObjectRef, policy_version: int) -> None:
-        ray.get([worker.load_weights.remote(state_dict_ref, policy_version) for worker in self.workers])
+    def load_weights(self, state_dict_ref: ray.ObjectRef, policy_version: int, workers: list[Any] | None = None) -> None:
+        targets = self.workers if workers is None else workers
+        ray.get([worker.load_weights.remote(state_dict_ref, policy_version) for worker in targets])
 
     def load_weights_from(self, model_path: str, policy_version: int) -> None:
         ray.get([worker.load_weights_from.remote(model_path, policy_version) for worker in self.workers])
 
+    def _retire(self, member: _Member, started: bool) -> None:
+        if started or member.ready in ray.wait([member.ready], timeout=0)[0]:
+            # Graceful: queued behind any call the engine is still running, so no sample in flight is lost;
+            # removing the placement group first would kill it on the spot.
+            exited = member.worker.__ray_terminate__.remote()
+            ray.wait([exited], timeout=RETIRE_TIMEOUT_S)
+        else:
+            ray.kill(member.worker)
+        remove_placement_group(member.placement_group)
+
     def shutdown(self) -> None:
-        for worker, group in zip(self.workers, self.placement_groups):
-            ray.kill(worker)
-            remove_placement_group(group)
-        self.workers, self.placement_groups = [], []
+        for member in self.active + self.pending:
+            ray.kill(member.worker)
+            remove_placement_group(member.placement_group)
+        self.active, self.pending = [], []
 
 
 def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
@@ -166,4 +236,4 @@ def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:
 
 
 def _passthrough_env() -> dict[str, str]:
-    return {name: value for name, value in os.environ.items() if name.startswith("VLLM_") and name not in ENGINE_ENV}
+    return {name: value for name, value in os.environ.items() if name.startswith("VLLM_") and name != "VLLM_ENABLE_V1_MULTIPROCESSING"}

@@ -25,6 +25,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from actors.control import CONTROL_NAMESPACE, RunControl, control_actor_name, current_run_id
 from actors.group import ActorGroup
 from actors.learner import Learner
 from actors.reference import Reference
@@ -150,9 +151,15 @@ class PPOTrainer:
         self.reference = ActorGroup(Reference, "reference", config.reference.resources, **placement,
                                     config=config, model_path=self.state.reference_model)
         self.reward = ActorGroup(RewardScorer, "reward", config.reward.resources, **placement, config=config)
+        for group in (self.policy, self.critic, self.reference, self.reward):  # built in parallel, awaited here
+            group.wait_ready()
         if checkpoint is not None:
             ray.get(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)))
-        self.metrics = MetricsLogger(self.run_dir, tags={"run": config.run.name, "role": "driver"})
+        self.metrics = MetricsLogger(self.run_dir, run_name=config.run.name)
+        self.control = ray.remote(RunControl).options(
+            name=control_actor_name(current_run_id(config.run.name)), namespace=CONTROL_NAMESPACE,
+            num_cpus=0, get_if_exists=True,
+        ).remote(config.rollout.num_workers)
 
     # ---------------------------------------------------------------- one PPO iteration
     def train_iteration(self, iteration: int) -> dict[str, float]:
@@ -266,16 +273,19 @@ class PPOTrainer:
         if self.state.iteration >= config.run.iterations:
             print(f"{self.run_dir} is complete at iteration {self.state.iteration}; use a new run.output_dir to rerun")
             return json.loads((self.run_dir / "summary.json").read_text())
-        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="PPO",
-                        initial=self.state.iteration, total=config.run.iterations, unit="iter")
+        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="PPO", unit="iter",
+                        initial=self.state.iteration, total=config.run.iterations, disable=not sys.stdout.isatty())
         for iteration in progress:
+            self.apply_scaling()
             metrics = self.train_iteration(iteration)
             self.state.iteration = iteration
             if iteration == config.run.iterations or (config.run.eval_every and iteration % config.run.eval_every == 0):
                 metrics["eval/score"] = self.evaluate()
                 self.state.eval_points.append((iteration, metrics["eval/score"]))
+            metrics |= {"rollout/workers_active": len(self.fleet.active), "rollout/workers_pending": len(self.fleet.pending)}
             self.metrics.log(iteration, metrics)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['policy/kl_ref']:.3f}")
+            tqdm.write(iteration_line(iteration, config.run.iterations, metrics))
+            self.report_status("running", metrics)
             if config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0 and iteration < config.run.iterations:
                 self.save_checkpoint(iteration)
         eval_score_after = self.state.eval_points[-1][1]
@@ -291,7 +301,31 @@ class PPOTrainer:
             "reference_model": self.state.reference_model,
         }
         self.finish(summary, final)
+        self.report_status("finished", {})
         return summary
+
+    def apply_scaling(self) -> None:
+        """At the iteration boundary: follow the requested fleet size; engines that came up load the current
+        weights (all learner ranks take part in the gather) and join."""
+        self.fleet.resize(ray.get(self.control.rollout_workers_requested.remote()))
+        joining = self.fleet.take_ready()
+        if joining:
+            weight_refs = self.policy.call("full_weights")
+            self.fleet.load_weights(weight_refs[0], self.state.policy_version, workers=joining)
+            ray.get(weight_refs[1:])
+            self.fleet.activate(joining)
+
+    def report_status(self, state: str, metrics: dict[str, float]) -> None:
+        self.control.report.remote({
+            "state": state,
+            "iteration": self.state.iteration,
+            "iterations": self.config.run.iterations,
+            "policy_version": self.state.policy_version,
+            "rollout_workers_active": [f"rollout-{member.index}" for member in self.fleet.active],
+            "rollout_workers_pending": [f"rollout-{member.index}" for member in self.fleet.pending],
+            "reward_mean": metrics.get("reward/mean"),
+            "run_dir": str(self.run_dir),
+        })
 
     def save_checkpoint(self, iteration: int) -> Path:
         """Policy and critic (Hugging Face + DeepSpeed states) and the driver's state, written whole or not at all."""
@@ -322,6 +356,8 @@ class PPOTrainer:
         for name in ("fleet", "policy", "critic", "reference", "reward"):
             if hasattr(self, name):
                 getattr(self, name).shutdown()
+        if hasattr(self, "control"):
+            ray.kill(self.control)
 
 
 @contextmanager
@@ -330,6 +366,22 @@ def phase(name: str, metrics: dict[str, float]) -> Iterator[None]:
     started = time.perf_counter()
     yield
     metrics[f"time/{name}"] = time.perf_counter() - started
+
+
+def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -> str:
+    """One readable log line per iteration, for a person following the job's log in the dashboard."""
+    line = (
+        f"iteration {iteration}/{iterations} | reward {metrics['reward/mean']:.3f} | kl {metrics['policy/kl_ref']:.3f}"
+        f" | entropy {metrics['policy/entropy']:.3f} | clipfrac {metrics['losses/clipfrac']:.3f}"
+        f" | rollout workers {metrics['rollout/workers_active']:.0f}"
+    )
+    if metrics["rollout/workers_pending"]:
+        line += f" (+{metrics['rollout/workers_pending']:.0f} pending)"
+    phases = " ".join(f"{name[5:]} {value:.2f}s" for name, value in metrics.items() if name.startswith("time/"))
+    line += f" | {phases}"
+    if "eval/score" in metrics:
+        line += f" | eval {metrics['eval/score']:.3f}"
+    return line
 
 
 def mean_over_ranks(stats: list[dict[str, float]]) -> dict[str, float]:

@@ -1,13 +1,21 @@
 """The `relay` command.
 
-    relay demo [overrides]                  the embedded default: local Ray, tiny model, warm start, PPO
-    relay train --config FILE [overrides]   PPO (jobs/ppo.py) on the cluster of RAY_ADDRESS, or a local Ray
-    relay sft --config FILE [overrides]     the supervised warm start alone (jobs/sft.py)
+    relay demo [overrides]                        the embedded default: local Ray, tiny model, warm start, PPO
+    relay train --config FILE [overrides]         PPO here (joins RAY_ADDRESS's cluster, else a local Ray)
+    relay sft --config FILE [overrides]           the supervised warm start alone
+    relay submit FILE [--address URL] [overrides] PPO as a Ray job on a cluster; prints the job id
+    relay status|logs|stop JOB_ID [--address URL] follow a submitted job
+    relay scale JOB_ID --rollout-workers N        grow or shrink the run's vLLM fleet at the next iteration
+
+The cluster commands use the Ray Job Submission API at --address (default: RAY_ADDRESS, else
+http://127.0.0.1:8265, e.g. through `ray dashboard cluster/ray-cluster.yaml` or a port-forward).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 import jobs
@@ -15,7 +23,7 @@ import jobs
 DEMO_CONFIG = Path(jobs.__file__).parent / "configs" / "demo.yaml"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="RLHF with PPO on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the embedded default on this machine")
@@ -24,20 +32,68 @@ def main(argv: list[str] | None = None) -> None:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", required=True)
         command.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
+    submit = commands.add_parser("submit", help="submit PPO as a Ray job")
+    submit.add_argument("config")
+    submit.add_argument("overrides", nargs="*", help="dotted.key=value")
+    submit.add_argument("--address", help="Ray dashboard / job API URL")
+    submit.add_argument("--working-dir", help="directory shipped to the cluster (default: the project root)")
+    for name, text in (("status", "job status and the run's progress"), ("logs", "the job's log"),
+                       ("stop", "stop the job")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job_id")
+        command.add_argument("--address")
+        if name == "logs":
+            command.add_argument("--follow", "-f", action="store_true")
+    scale = commands.add_parser("scale", help="change the number of rollout workers of a running job")
+    scale.add_argument("job_id")
+    scale.add_argument("--rollout-workers", type=int, required=True)
+    scale.add_argument("--address")
+    return parser
 
-    if args.command == "demo":
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    # Overrides may follow options (`relay submit FILE --address URL a.b=1`): argparse leaves those over.
+    args, leftover = parser.parse_known_args(argv)
+    if leftover:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in leftover):
+            parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+        args.overrides += leftover
+    if args.command in ("demo", "train"):
         from jobs.ppo import main as ppo_main
 
-        ppo_main(["--config", str(DEMO_CONFIG), *args.overrides])
-    elif args.command == "train":
-        from jobs.ppo import main as ppo_main
-
-        ppo_main(["--config", args.config, *args.overrides])
-    elif args.command == "sft":
+        config = str(DEMO_CONFIG) if args.command == "demo" else args.config
+        ppo_main(["--config", config, *args.overrides])
+        return
+    if args.command == "sft":
         from jobs.sft import main as sft_main
 
         sft_main(["--config", args.config, *args.overrides])
+        return
+
+    from relay import cluster
+    from relay.config import ConfigError
+
+    if args.command == "submit":
+        try:
+            job_id = cluster.submit(args.config, args.overrides, args.address,
+                                    args.working_dir or cluster.default_working_dir())
+        except ConfigError as error:
+            sys.exit(str(error))
+        print(job_id)
+    elif args.command == "status":
+        print(json.dumps(cluster.status(args.job_id, args.address), indent=2))
+    elif args.command == "logs":
+        cluster.follow_logs(args.job_id, args.address, args.follow)
+    elif args.command == "stop":
+        print(f"stop requested: {cluster.job_client(args.address).stop_job(args.job_id)}")
+    elif args.command == "scale":
+        if args.rollout_workers < 1:
+            sys.exit("--rollout-workers must be at least 1")
+        try:
+            print(cluster.control_call(args.job_id, "request_rollout_workers", (args.rollout_workers,), args.address))
+        except LookupError as error:
+            sys.exit(str(error))
 
 
 if __name__ == "__main__":

@@ -18,11 +18,22 @@ def ray_metric_name(name: str) -> str:
     return RAY_METRIC_PREFIX + re.sub(r"[^a-zA-Z0-9_:]", "_", name)
 
 
+# The role a metric describes, by its namespace (first match wins); Ray tags each series with it.
+METRIC_ROLES = [
+    ("losses/value", "critic"), ("critic/", "critic"), ("losses/", "policy"), ("policy/", "policy"),
+    ("reward/", "reward"), ("rollout/", "rollout"), ("perf/", "rollout"), ("response/", "rollout"),
+]
+
+
+def metric_role(name: str) -> str:
+    return next((role for prefix, role in METRIC_ROLES if name.startswith(prefix)), "driver")
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, tags: dict[str, str]) -> None:
+    def __init__(self, run_dir: Path, run_name: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tags = tags
+        self.run_name = run_name
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.gauges: dict[str, Any] = {}
@@ -32,14 +43,14 @@ class MetricsLogger:
             sink.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, iteration)
-            self._gauge(name).set(value, tags=self.tags)
+            self._gauge(name).set(value, tags={"run": self.run_name, "role": metric_role(name)})
         self.writer.flush()
 
     def _gauge(self, name: str) -> Any:
         if name not in self.gauges:
             from ray.util.metrics import Gauge
 
-            self.gauges[name] = Gauge(ray_metric_name(name), description=name, tag_keys=tuple(self.tags))
+            self.gauges[name] = Gauge(ray_metric_name(name), description=name, tag_keys=("run", "role"))
         return self.gauges[name]
 
     def close(self) -> None:

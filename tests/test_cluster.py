@@ -1,0 +1,137 @@
+"""Against a live local Ray cluster (`ray start --head`, started and stopped here): submit a job through the Jobs
+API with token authentication, read its log, scale its rollout fleet 1 → 2 → 1 while it runs, and find relay's
+metrics on Ray's metrics export port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from relay import cluster
+from relay.cli import main as relay_main
+from relay.config import ConfigError
+from relay.metrics import read_metrics
+from tests.conftest import DEMO_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 1.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def live_cluster(tmp_path_factory):
+    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={ports['gcs']}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+         f"--metrics-export-port={ports['metrics']}", "--num-cpus=4", "--include-dashboard=true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        # Job entrypoints run `python`: the cluster's Python is this virtual environment's.
+        env={**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+    )
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+
+    def job_api_answers():
+        try:
+            return cluster.job_client(address).list_jobs() is not None
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            return False
+
+    try:
+        wait_for(job_api_answers, 120, "the job API of the new cluster", interval_s=2)
+        yield address, ports
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def test_submit_rejects_a_bad_config_before_contacting_the_cluster():
+    with pytest.raises(ConfigError, match="ppo.kl_coeff: unknown key"):
+        cluster.submit(str(DEMO_CONFIG), ["ppo.kl_coeff=1"], address="http://127.0.0.1:9")
+
+
+def test_job_api_refuses_requests_without_the_token(live_cluster):
+    address, _ = live_cluster
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+
+
+def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
+    address, ports = live_cluster
+    # Long enough (about 0.6 s each) to outlast a new vLLM engine's start-up and two scaling requests.
+    prompts, samples, iterations = 8, 2, 250
+    overrides = [
+        f"run.output_dir={tmp_path}", "run.name=scaled", f"run.iterations={iterations}", "run.eval_every=0",
+        "run.checkpoint_every=0", "warm_start=null", "data.train_prompts=256", f"data.prompts_per_iteration={prompts}",
+        "data.eval_prompts=8", "data.eval_samples_per_prompt=1", f"rollout.samples_per_prompt={samples}",
+        "rollout.max_new_tokens=8", "policy.micro_batch_size=4", "critic.micro_batch_size=4", "ppo.mini_batches=1",
+    ]
+    relay_main(["submit", str(DEMO_CONFIG.relative_to(ROOT)), "--address", address, "--working-dir", str(ROOT),
+                *overrides])
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    client = cluster.job_client(address)
+
+    def run_status():
+        report = cluster.status(job_id, address)
+        assert report["status"] not in ("FAILED", "STOPPED"), client.get_job_logs(job_id)[-3000:]
+        return report["run"] if isinstance(report.get("run"), dict) else None
+
+    wait_for(lambda: (s := run_status()) and s.get("iteration", 0) >= 2, 300, "the run's second iteration", 3)
+
+    assert "2 requested" in cluster.control_call(job_id, "request_rollout_workers", (2,), address)
+    grown = wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 2 and s, 240,
+                     "the second rollout worker to join", 3)
+    assert grown["rollout_workers_active"] == ["rollout-0", "rollout-1"]
+
+    # relay's metrics on Ray's Prometheus export port, tagged by run and role.
+    def exported():
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=10).read().decode()
+        return text if "ray_relay_reward_mean" in text and "ray_relay_rollout_workers_active" in text else None
+
+    text = wait_for(exported, 90, "relay metrics on the export port", 3)
+    assert 'run="scaled"' in text and 'role="reward"' in text
+
+    relay_main(["scale", job_id, "--rollout-workers", "1", "--address", address])
+    wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1, 120, "the scale-down", 3)
+
+    wait_for(lambda: client.get_job_status(job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 600, "the job to end", 3)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == "SUCCEEDED", logs[-3000:]
+    assert f"iteration {iterations}/{iterations} | reward" in logs
+
+    rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if "reward/mean" in row]
+    assert [row["iteration"] for row in rows] == list(range(1, iterations + 1))
+    # Every batch was generated and trained on: samples grow by one full batch per iteration, versions by one.
+    assert [row["perf/samples"] for row in rows] == [prompts * samples * i for i in range(1, iterations + 1)]
+    assert [row["policy/version"] for row in rows] == list(range(1, iterations + 1))
+    fleet_sizes = [int(row["rollout/workers_active"]) for row in rows]
+    first_two = fleet_sizes.index(2)
+    assert fleet_sizes[0] == 1 and 1 in fleet_sizes[first_two:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["samples"] == prompts * samples * iterations

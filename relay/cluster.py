@@ -2,8 +2,8 @@
 
 Ray 2.60 clusters require a token on the dashboard and job API by default. Ray's SDK attaches it when the client
 process runs with `RAY_AUTH_MODE=token`, reading it where Ray keeps it (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`,
-or `~/.ray/auth_token`). relay sets that mode for its own process unless the user chose one, and never reads,
-prints or disables the token itself.
+or `~/.ray/auth_token`). relay sets that mode for its own process unless the user chose one (so import this module
+before Ray), and never reads, prints or disables the token itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.control import CONTROL_NAMESPACE, control_actor_name
+# Before anything imports Ray: Ray reads the authentication mode once, when it loads its configuration.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+from actors.control import CONTROL_NAMESPACE, control_actor_name  # noqa: E402
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # What travels with a job besides the code: nothing big or private.
@@ -24,7 +27,6 @@ WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info",
 
 
 def job_client(address: str | None):
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import relay.cluster  # noqa: F401 - sets RAY_AUTH_MODE=token before Ray loads its configuration
 from relay.config import RelayConfig, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"

@@ -5,11 +5,6 @@ metrics on Ray's metrics export port."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,54 +15,16 @@ from relay.cli import main as relay_main
 from relay.config import ConfigError
 from relay.metrics import read_metrics
 from tests.conftest import DEMO_CONFIG
+from tests.live_ray import ray_head, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 1.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 @pytest.fixture(scope="module")
-def live_cluster(tmp_path_factory):
-    ports = {"gcs": free_port(), "dashboard": free_port(), "metrics": free_port()}
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={ports['gcs']}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-         f"--metrics-export-port={ports['metrics']}", "--num-cpus=4", "--include-dashboard=true"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        # Job entrypoints run `python`: the cluster's Python is this virtual environment's.
-        env={**os.environ, "RAY_ADDRESS": "", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-    )
-    address = f"http://127.0.0.1:{ports['dashboard']}"
-
-    def job_api_answers():
-        try:
-            return cluster.job_client(address).list_jobs() is not None
-        except Exception:  # noqa: BLE001 - the dashboard is still starting
-            return False
-
-    try:
-        wait_for(job_api_answers, 120, "the job API of the new cluster", interval_s=2)
+def live_cluster():
+    with ray_head(["--num-cpus=4"]) as (address, ports):
         yield address, ports
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
 
 
 def test_submit_rejects_a_bad_config_before_contacting_the_cluster():

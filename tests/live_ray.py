@@ -1,0 +1,76 @@
+"""A real Ray head node for tests (`ray start --head --block`), started in its own process group and stopped
+by signalling that group, so it never touches another Ray instance on the machine (`ray stop` would)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from relay import cluster
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@contextmanager
+def ray_head(
+    extra_args: list[str], env: dict[str, str] | None = None, gcs_port: int | None = None
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """Yield (job API address, ports) of a new head node with dashboard and metrics export on loopback."""
+    ports = {"gcs": gcs_port or free_port(), "dashboard": free_port(), "metrics": free_port()}
+    venv_bin = Path(sys.executable).parent
+    log = tempfile.NamedTemporaryFile("w+", prefix="ray-head-", suffix=".log")
+    head = subprocess.Popen(
+        [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={ports['gcs']}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+         f"--metrics-export-port={ports['metrics']}", "--include-dashboard=true", *extra_args],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # Job entrypoints run `python`: the cluster's Python is this virtual environment's.
+        env={**os.environ, "RAY_ADDRESS": "", "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", **(env or {})},
+    )
+    address = f"http://127.0.0.1:{ports['dashboard']}"
+
+    last_error: list[str] = []
+
+    def job_api_answers() -> bool:
+        if head.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"ray start --head exited with {head.returncode}:\n{log.read()[-3000:]}")
+        try:
+            return cluster.job_client(address).list_jobs() is not None
+        except Exception as error:  # noqa: BLE001 - the dashboard is still starting
+            last_error[:] = [f"{type(error).__name__}: {error}"]
+            return False
+
+    try:
+        try:
+            wait_for(job_api_answers, 120, "the job API of the new cluster", interval_s=2)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last error: {last_error}") from None
+        yield address, ports
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=90)
+        log.close()

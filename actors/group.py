@@ -50,15 +50,23 @@ class ActorGroup:
         *,
         use_gpu: bool,
         namespace: str,
+        gpus_per_rank: float = 1.0,
+        colocated_cpus_per_rank: float = 0.0,
+        share_placement_group: PlacementGroup | None = None,
         env: dict[str, str] | None = None,
         **actor_kwargs: Any,
     ) -> None:
+        """`share_placement_group`: place rank i in bundle i of another role's group (colocation; that role
+        reserved `colocated_cpus_per_rank` extra CPUs per bundle and left `1 - gpus_per_rank` of each GPU free)."""
         self.name = name
         self.world_size = resources.world_size
-        gpus = 1 if use_gpu else 0
-        self.placement_group: PlacementGroup = placement_group(
-            [bundle(resources.cpus_per_rank, gpus)] * self.world_size, strategy="PACK"
-        )
+        gpus = gpus_per_rank if use_gpu else 0
+        self.owns_placement_group = share_placement_group is None
+        if share_placement_group is None:
+            rank_bundle = bundle(resources.cpus_per_rank + colocated_cpus_per_rank, 1 if use_gpu else 0)
+            self.placement_group: PlacementGroup = placement_group([rank_bundle] * self.world_size, strategy="PACK")
+        else:
+            self.placement_group = share_placement_group
         ray.get(self.placement_group.ready())
         # The rendezvous lives where rank 0 will run: the node of bundle 0.
         master_addr, master_port = ray.get(
@@ -89,6 +97,7 @@ class ActorGroup:
                 ).remote(rank=rank, world_size=self.world_size, **actor_kwargs)
             )
 
+
     def wait_ready(self) -> None:
         """Block until every rank's constructor has finished (model loaded, engine built)."""
         ray.get([actor.__ray_ready__.remote() for actor in self.actors])
@@ -103,4 +112,5 @@ class ActorGroup:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        remove_placement_group(self.placement_group)
+        if self.owns_placement_group:
+            remove_placement_group(self.placement_group)

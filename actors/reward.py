@@ -1,4 +1,5 @@
-"""RewardScorer: one data-parallel rank that scores whole responses, with a reward model or a Python function."""
+"""RewardScorer: one data-parallel rank that scores whole responses with a reward model, a Python function or a
+remote HTTP endpoint (relay.rewards). Normalisation and clipping happen in the driver, over the whole batch."""
 
 from __future__ import annotations
 
@@ -7,14 +8,20 @@ import torch
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
 from relay.models import load_model, load_tokenizer, score_in_micro_batches, sequence_scores
-from relay.tasks import RewardFunction, get_task, load_object
+from relay.rewards import FunctionReward, RemoteReward, RewardSource
+from relay.tasks import get_task, load_object
 
 
-def reward_function(config: RelayConfig) -> RewardFunction:
-    """`reward.function` when set, else the task's own reward."""
-    if config.reward.function:
-        return load_object(config.reward.function, "reward.function")
-    return get_task(config.data.task).reward
+def reward_source(config: RelayConfig) -> RewardSource:
+    """`reward.function` or the task's own reward (type function), or the endpoint at `reward.url` (type remote)."""
+    section = config.reward
+    if section.type == "remote":
+        assert section.url is not None
+        return RemoteReward(section.url, timeout_s=section.timeout_s, max_retries=section.max_attempts,
+                            batch_size=section.request_batch_size)
+    if section.function:
+        return FunctionReward(load_object(section.function, "reward.function"), name=section.function)
+    return FunctionReward(get_task(config.data.task).reward, name=f"task {config.data.task}")
 
 
 class RewardScorer:
@@ -28,20 +35,14 @@ class RewardScorer:
             self.model = load_model(self.section.model, "reward", self.section.dtype, tokenizer.pad_token_id)
             self.model = self.model.to(self.device).eval().requires_grad_(False)
         else:
-            self.function = reward_function(config)
+            self.source = reward_source(config)
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Sequence rewards [b] of this rank's shard, clipped to ±reward.clip when set."""
+        """Sequence rewards [b] of this rank's shard."""
         shard = batch.shard(self.rank, self.world_size)
         if self.section.type == "model":
-            rewards = score_in_micro_batches(
-                shard, self.section.micro_batch_size, lambda micro: sequence_scores(self.model, micro.to(self.device)).cpu()
+            return score_in_micro_batches(
+                shard, self.section.micro_batch_size,
+                lambda micro: sequence_scores(self.model, micro.to(self.device)).cpu(),
             )
-        else:
-            scores = self.function(shard.prompts, shard.responses, shard.metadata)
-            if len(scores) != len(shard):
-                raise ValueError(f"reward function returned {len(scores)} scores for {len(shard)} responses")
-            rewards = torch.tensor(scores, dtype=torch.float32)
-        if self.section.clip is not None:
-            rewards = rewards.clamp(-self.section.clip, self.section.clip)
-        return rewards
+        return torch.tensor(self.source.score(shard.prompts, shard.responses, shard.metadata), dtype=torch.float32)

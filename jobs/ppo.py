@@ -33,13 +33,15 @@ from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet, Sample
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right
-from relay.config import ConfigError, RelayConfig, dump_config, load_config
+from relay.config import ConfigError, InferenceSection, RelayConfig, dump_config, load_config
 from relay.data import tokenize_prompt
 from relay.metrics import MetricsLogger, plot_reward_curve
 from relay.models import build_tiny_model, load_tokenizer
+from relay.rewards import RewardNormalizer
 from relay.tasks import Example, get_task, split_examples
 
-EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
+EVAL_SEED = 1_234_567
+COLOCATED_GPU_SHARE = 0.25  # of each policy GPU, per role placed beside the policy learner  # the same sampling seed for every evaluation, so scores differ by the policy alone
 
 
 @dataclass
@@ -56,6 +58,7 @@ class DriverState:
     eval_score_base: float | None = None
     eval_score_before: float | None = None
     eval_points: list[tuple[int, float]] | None = None
+    reward_stats: dict | None = None  # the reward normalizer's running mean/std
 
 
 def connect_ray(config: RelayConfig) -> None:
@@ -101,6 +104,7 @@ class PPOTrainer:
             self.task, config.data.train_prompts, config.data.eval_prompts, config.data.seed
         )
         self.state = DriverState(kl_coef=config.ppo.kl_coef)
+        self.reward_normalizer = RewardNormalizer(normalize=config.reward.normalize, clip=config.reward.clip)
         self.kl_controller: ppo.AdaptiveKLController | ppo.FixedKLController = (
             ppo.AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
             if config.ppo.kl_target is not None
@@ -119,6 +123,8 @@ class PPOTrainer:
         if checkpoint is not None:
             self.state = DriverState(**json.loads((checkpoint / "driver_state.json").read_text()))
             self.kl_controller.load_state_dict({"value": self.state.kl_coef})
+            if self.state.reward_stats:
+                self.reward_normalizer.load_state_dict(self.state.reward_stats)
             policy_path = str(checkpoint / "policy")
             self.tokenizer = load_tokenizer(policy_path)
             self.fleet = RolloutFleet(config, policy_path)
@@ -144,13 +150,19 @@ class PPOTrainer:
         if checkpoint is not None:
             critic_path = str(checkpoint / "critic")
         placement = {"use_gpu": config.device == "cuda", "namespace": config.actor_namespace}
+        # Reference and reward model may share the policy learner's GPUs: a slice of each GPU, one rank per bundle.
+        colocated = [section for section in (config.reference, config.reward) if section.colocate_with_policy]
         self.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, **placement,
+                                 gpus_per_rank=1 - COLOCATED_GPU_SHARE * len(colocated),
+                                 colocated_cpus_per_rank=sum(section.resources.cpus_per_rank for section in colocated),
                                  role="policy", config=config, model_path=policy_path)
         self.critic = ActorGroup(Learner, "critic-learner", config.critic.resources, **placement,
                                  role="critic", config=config, model_path=critic_path)
-        self.reference = ActorGroup(Reference, "reference", config.reference.resources, **placement,
+        self.reference = ActorGroup(Reference, "reference", **self.placement_of(config.reference), **placement,
                                     config=config, model_path=self.state.reference_model)
-        self.reward = ActorGroup(RewardScorer, "reward", config.reward.resources, **placement, config=config)
+        self.reward = ActorGroup(RewardScorer, "reward", **self.placement_of(config.reward),
+                                 use_gpu=placement["use_gpu"] and config.reward.uses_gpu_model,
+                                 namespace=config.actor_namespace, config=config)
         for group in (self.policy, self.critic, self.reference, self.reward):  # built in parallel, awaited here
             group.wait_ready()
         if checkpoint is not None:
@@ -160,6 +172,14 @@ class PPOTrainer:
             name=control_actor_name(current_run_id(config.run.name)), namespace=CONTROL_NAMESPACE,
             num_cpus=0, get_if_exists=True,
         ).remote(config.rollout.num_workers)
+
+    def placement_of(self, section: InferenceSection) -> dict:
+        """ActorGroup arguments for a scoring role: its own resources, or bundles shared with the policy."""
+        if not section.colocate_with_policy:
+            return {"resources": section.resources}
+        shared = self.config.policy.resources.model_copy(update={"cpus_per_rank": section.resources.cpus_per_rank})
+        return {"resources": shared, "share_placement_group": self.policy.placement_group,
+                "gpus_per_rank": COLOCATED_GPU_SHARE}
 
     # ---------------------------------------------------------------- one PPO iteration
     def train_iteration(self, iteration: int) -> dict[str, float]:
@@ -177,7 +197,8 @@ class PPOTrainer:
         with phase("score", metrics):
             scored = {name: group.call("score", batch_ref) for name, group in
                       [("old", self.policy), ("ref", self.reference), ("values", self.critic), ("reward", self.reward)]}
-            old_logprobs, ref_logprobs, values, rewards = (torch.cat(ray.get(refs)) for refs in scored.values())
+            old_logprobs, ref_logprobs, values, raw_rewards = (torch.cat(ray.get(refs)) for refs in scored.values())
+            rewards = self.reward_normalizer(raw_rewards)
 
         # 4. Per-token rewards (−β·KL, plus the sequence reward on the last token), GAE, whitened advantages.
         with phase("advantages", metrics):
@@ -209,8 +230,8 @@ class PPOTrainer:
         self.state.samples += len(batch)
         response_tokens = mask.sum().item()
         metrics |= {
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
+            "reward/mean": raw_rewards.mean().item(),
+            "reward/std": raw_rewards.std().item(),
             "policy/kl_ref": kl_per_sequence,
             "policy/kl_coef": self.kl_controller.value,
             "policy/version": float(self.state.policy_version),
@@ -335,6 +356,7 @@ class PPOTrainer:
         partial.mkdir(parents=True)
         ray.get(self.policy.call("save", str(partial.resolve())) + self.critic.call("save", str(partial.resolve())))
         self.state.kl_coef = self.kl_controller.value
+        self.state.reward_stats = self.reward_normalizer.state_dict()
         (partial / "driver_state.json").write_text(json.dumps(asdict(self.state), indent=1))
         if final.exists():
             shutil.rmtree(final)

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import ray.train
 from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.experimental import tqdm_ray
 from ray.train.torch import TorchTrainer
 
 from relay.config import ConfigError, RelayConfig, WarmStartSection, load_config
@@ -48,6 +49,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_examples, _ = split_examples(task, loop_config["train_examples"], loop_config["eval_examples"], loop_config["seed"])
     rng = random.Random(loop_config["seed"] * 7919 + rank)
     loss_value = float("nan")
+    # tqdm_ray draws one bar in the driver's console from any worker, and survives Ray's log forwarding.
+    progress = tqdm_ray.tqdm(total=section.steps, desc="warm start") if rank == 0 else None
     for step in range(section.steps):
         chosen = rng.sample(train_examples, per_rank)
         batch = collate_sft(
@@ -58,9 +61,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         engine.backward(loss)
         engine.step()
         loss_value = loss.item()
+        if progress is not None:
+            progress.update(1)
         if (step + 1) % 100 == 0 and step + 1 < section.steps:
             ray.train.report({"loss": loss_value, "step": step + 1})
 
+    if progress is not None:
+        progress.close()
     with tempfile.TemporaryDirectory() as scratch:
         target = Path(scratch) / "model"
         save_pretrained(engine.module, tokenizer, section.zero_stage, rank, target)

@@ -65,25 +65,39 @@ class InferenceSection(Section):
     """A frozen model that only scores: the reference policy, or a reward model."""
 
     model: str | None = None
+    colocate_with_policy: bool = Field(
+        False, description="share the policy learner's GPUs (one rank per policy rank) instead of its own"
+    )
     resources: Resources = Field(default_factory=Resources)
     dtype: Dtype = "bfloat16"
     micro_batch_size: int = Field(8, ge=1)
 
 
 class RewardSection(InferenceSection):
-    """Where the sequence reward comes from."""
+    """Where the sequence reward comes from: the task's function (or another), a reward model, or an endpoint."""
 
-    type: Literal["function", "model"] = "function"
+    type: Literal["function", "model", "remote"] = "function"
     function: str | None = Field(
         None, description="`module:function` scoring (prompts, responses, metadata) -> floats; None: the task's"
     )
-    clip: float | None = Field(None, gt=0, description="clip sequence rewards to [-clip, clip]")
+    url: str | None = Field(None, description="type remote: POST {prompts, responses, metadata} -> {rewards}")
+    timeout_s: float = Field(30.0, gt=0, description="type remote: seconds per request")
+    max_attempts: int = Field(3, ge=1, description="type remote: attempts per request before the run fails")
+    request_batch_size: int | None = Field(None, ge=1, description="type remote: responses per request")
+    normalize: bool = Field(False, description="whiten sequence rewards with running mean/std over the run")
+    clip: float | None = Field(None, gt=0, description="clip sequence rewards to [-clip, clip] (after normalizing)")
 
     @model_validator(mode="after")
     def _source_is_named(self) -> RewardSection:
         if self.type == "model" and not self.model:
             raise ValueError("reward.type is 'model' but reward.model is not set")
+        if self.type == "remote" and not self.url:
+            raise ValueError("reward.type is 'remote' but reward.url is not set")
         return self
+
+    @property
+    def uses_gpu_model(self) -> bool:
+        return self.type == "model"
 
 
 class RolloutSection(Section):
@@ -169,6 +183,26 @@ class RunSection(Section):
     seed: int = 0
 
 
+class RewardModelSection(Section):
+    """A Bradley–Terry reward model trained on preference pairs (Ray Train TorchTrainer + DeepSpeed)."""
+
+    data: str | None = Field(
+        None, description="jsonl/parquet path or Hugging Face dataset name; None: simulated pairs from data.task"
+    )
+    simulated_pairs: int = Field(2048, ge=2, description="pairs the simulated annotator makes when data is None")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of pairs held out for accuracy and margin")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="preference pairs per step across all ranks")
+    learning_rate: float = Field(1e-4, gt=0)
+    resources: Resources = Field(default_factory=Resources)
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    dtype: Dtype = Field("bfloat16", description="training dtype of the reward model")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for chat-format pairs; None: the tokenizer's own"
+    )
+    max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer ones keep their end")
+
+
 class RelayConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     device: Device = "cpu"
@@ -176,6 +210,7 @@ class RelayConfig(Section):
     data: DataSection = Field(default_factory=DataSection)
     tiny_model: TinyModelSection | None = None
     warm_start: WarmStartSection | None = None
+    reward_model_training: RewardModelSection | None = None
     rollout: RolloutSection = Field(default_factory=RolloutSection)
     policy: TrainerSection = Field(default_factory=TrainerSection)
     critic: TrainerSection = Field(default_factory=TrainerSection)
@@ -187,8 +222,11 @@ class RelayConfig(Section):
     def _consistent(self) -> RelayConfig:
         if (self.policy.model is None) == (self.tiny_model is None):
             raise ValueError("set exactly one of policy.model (a Hub name or path) and tiny_model")
-        learner_roles = {"policy": self.policy.resources, "critic": self.critic.resources,
-                         "reference": self.reference.resources, "reward": self.reward.resources}
+        learner_roles = {"policy": self.policy.resources, "critic": self.critic.resources}
+        if not self.reference.colocate_with_policy:
+            learner_roles["reference"] = self.reference.resources
+        if self.reward.uses_gpu_model and not self.reward.colocate_with_policy:
+            learner_roles["reward"] = self.reward.resources
         if self.warm_start is not None:
             learner_roles["warm_start"] = self.warm_start.resources
         for role, resources in learner_roles.items():
@@ -196,6 +234,10 @@ class RelayConfig(Section):
                 raise ValueError(f"{role}.resources.gpus_per_node must be >= 1 with device: cuda")
             if self.device == "cpu" and resources.gpus_per_node > 0:
                 raise ValueError(f"{role}.resources.gpus_per_node must be 0 with device: cpu")
+        if not self.reward.uses_gpu_model and self.reward.resources.gpus_per_node:
+            raise ValueError(f"reward.resources.gpus_per_node must be 0: a {self.reward.type} reward runs on CPUs")
+        if self.reward.colocate_with_policy and not self.reward.uses_gpu_model:
+            raise ValueError("reward.colocate_with_policy needs reward.type: model")
         if self.device == "cpu" and self.rollout.tensor_parallel_size > 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs device: cuda")
         samples = self.data.prompts_per_iteration * self.rollout.samples_per_prompt

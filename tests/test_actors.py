@@ -117,3 +117,25 @@ def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, ti
     finally:
         for group in (fleet, reference, critic, reward):
             group.shutdown()
+
+
+def test_reference_colocated_with_policy_runs_in_the_policy_bundles(ray_session, tiny_model, tmp_path):
+    config = tiny_run_config(tmp_path, "policy.resources.cpu_ranks_per_node=2", "reference.colocate_with_policy=true")
+    trainer = PPOTrainer(config)
+    trainer.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=False,
+                                namespace=config.actor_namespace, colocated_cpus_per_rank=0.2,
+                                role="policy", config=config, model_path=str(tiny_model))
+    reference = ActorGroup(Reference, "reference", **trainer.placement_of(config.reference), use_gpu=False,
+                           namespace=config.actor_namespace, config=config, model_path=str(tiny_model))
+    try:
+        reference.wait_ready()
+        assert reference.world_size == 2
+        def placement_of(actor) -> str:
+            return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_placement_group_id()))
+
+        policy_group = trainer.policy.placement_group.id.hex()
+        assert [placement_of(actor) for actor in reference.actors] == [policy_group, policy_group]
+        assert placement_of(trainer.policy.actors[0]) == policy_group
+    finally:
+        reference.shutdown()
+        trainer.policy.shutdown()

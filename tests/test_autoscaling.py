@@ -75,5 +75,5 @@ def test_scale_beyond_capacity_adds_a_node_and_scale_down_releases_it(tmp_path, 
         wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1, 120, "the scale-down", 3)
         wait_for(lambda: len(alive_nodes()) == 1, 120, "the idle node to be removed", 2)
         assert run_status()["iteration"] < 300  # the node went while the run was still going
-        client.stop_job(job_id)
+        relay_main(["stop", job_id, "--address", address])
         wait_for(lambda: client.get_job_status(job_id) in ("STOPPED", "FAILED", "SUCCEEDED"), 60, "the job to stop")

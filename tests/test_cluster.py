@@ -73,12 +73,15 @@ def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
 
     text = wait_for(exported, 90, "relay metrics on the export port", 3)
     assert 'run="scaled"' in text and 'role="reward"' in text
+    # vLLM's own engine metrics, through the RayPrometheusStatLogger each rollout worker's engine was built with.
+    assert "ray_vllm" in text
 
     relay_main(["scale", job_id, "--rollout-workers", "1", "--address", address])
     wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1, 120, "the scale-down", 3)
 
     wait_for(lambda: client.get_job_status(job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 600, "the job to end", 3)
-    logs = client.get_job_logs(job_id)
+    relay_main(["logs", job_id, "--address", address])
+    logs = capsys.readouterr().out
     assert client.get_job_status(job_id) == "SUCCEEDED", logs[-3000:]
     assert f"iteration {iterations}/{iterations} | reward" in logs
 

@@ -40,9 +40,18 @@ def placement_groups(config: RelayConfig) -> list[tuple[str, list[dict[str, floa
          + [{"CPU": 0, "GPU": gpu}] * (rollout.tensor_parallel_size - 1))
         for _ in range(rollout.num_workers)
     ]
-    for section in (config.policy, config.critic, config.reference, config.reward):
+    # Colocated scorers live in the policy's bundles (extra CPUs, a share of the same GPU); CPU rewards hold no GPU.
+    colocated = [s for s in (config.reference, config.reward) if s.colocate_with_policy]
+    policy = config.policy.resources
+    policy_cpus = policy.cpus_per_rank + sum(s.resources.cpus_per_rank for s in colocated)
+    groups.append(("PACK", [{"CPU": policy_cpus, "GPU": gpu}] * policy.world_size))
+    groups.append(("PACK", [{"CPU": config.critic.resources.cpus_per_rank, "GPU": gpu}] * config.critic.resources.world_size))
+    for section in (config.reference, config.reward):
+        if section.colocate_with_policy:
+            continue
+        section_gpu = gpu if section is config.reference or config.reward.uses_gpu_model else 0
         resources = section.resources
-        groups.append(("PACK", [{"CPU": resources.cpus_per_rank, "GPU": gpu}] * resources.world_size))
+        groups.append(("PACK", [{"CPU": resources.cpus_per_rank, "GPU": section_gpu}] * resources.world_size))
     return groups
 
 

@@ -34,6 +34,8 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
         "critic.resources.cpu_ranks_per_node=2",
         "policy.learning_rate=0.001",
         "run.checkpoint_every=1",
+        "reference.colocate_with_policy=true",
+        "reward.normalize=true",
     ]
     summary = run(tiny_run_config(tmp_path, *overrides))
     run_dir = tmp_path
@@ -47,6 +49,8 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
     for name in ("losses/policy", "losses/value", "losses/clipfrac", "policy/entropy", "time/generate", "time/sync"):
         assert name in rows[0]
     assert summary["samples"] == 2 * 8 * 2
+    state = json.loads((run_dir / "checkpoints" / "iter_000002" / "driver_state.json").read_text())
+    assert state["reward_stats"]["stats"]["count"] == 2 * 8 * 2  # the normalizer saw every reward, and is saved
     assert (run_dir / "reward_curve.png").stat().st_size > 0
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 

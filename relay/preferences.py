@@ -1,0 +1,295 @@
+"""Preference pairs for a Bradley–Terry reward model: loading, a simulated annotator, tokenising, and the math.
+
+A pair is a prompt and two responses, `chosen` (preferred by the annotator) and `rejected`. Sources:
+- jsonl (one JSON object per line), parquet, or a Hugging Face dataset name/path (through `datasets`), each row
+  holding `prompt`, `chosen`, `rejected` as strings;
+- chat format: `chosen` and `rejected` are lists of `{role, content}` messages (the whole conversation, the prompt
+  optionally split off into `prompt` as a string or a message list), rendered with the tokenizer's chat template
+  or a template string given by the caller.
+
+The reward model scores a right-padded `prompt + response` and reads its score at the last real token, exactly as
+`relay.models.sequence_scores` reads it during PPO. The math at the bottom is pure tensors: no Ray, no DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from relay.data import tokenize_prompt
+from relay.tasks import Task
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str  # "" for chat pairs: the rendered conversation in chosen/rejected carries it
+    chosen: str
+    rejected: str
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_preferences(
+    source: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    chat_template: str | None = None,
+    split: str = "train",
+) -> list[PreferencePair]:
+    """Pairs from a .jsonl or .parquet file, or a Hugging Face dataset (a saved dataset directory or a Hub name).
+
+    Raises ValueError naming the file and line (jsonl, 1-based) or row (parquet, dataset; 0-based) of the first
+    malformed row. `tokenizer` (and `chat_template`, which overrides the tokenizer's own) is needed only for
+    chat-format rows.
+    """
+    path = Path(source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        rows: Iterable[tuple[str, Any]] = _jsonl_rows(path)
+    elif path.is_file() and path.suffix == ".parquet":
+        rows = _parquet_rows(path)
+    elif path.is_file():
+        raise ValueError(f"{path}: unknown preference file type {path.suffix!r}; use .jsonl or .parquet")
+    else:
+        rows = _dataset_rows(str(source), split)
+    pairs = [parse_row(row, where, tokenizer, chat_template) for where, row in rows]
+    if not pairs:
+        raise ValueError(f"{source}: no preference pairs")
+    return pairs
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for index, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {index}", row
+
+
+def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    saved = Path(name)
+    if saved.is_dir() and ((saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists()):
+        dataset = datasets.load_from_disk(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(name, split=split)
+    for index, row in enumerate(dataset):
+        yield f"dataset {name} ({split}) row {index}", row
+
+
+def parse_row(
+    row: Any, where: str, tokenizer: PreTrainedTokenizerBase | None = None, chat_template: str | None = None
+) -> PreferencePair:
+    """One validated pair; `where` ("file:line" or "file row i") starts every error message."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise ValueError(f"{where}: missing key {key!r}")
+    if isinstance(row["chosen"], list) or isinstance(row["rejected"], list):
+        return _parse_chat_row(row, where, tokenizer, chat_template)
+    if "prompt" not in row:
+        raise ValueError(f"{where}: missing key 'prompt' (text rows need prompt, chosen and rejected)")
+    if not isinstance(row["prompt"], str):
+        raise ValueError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    for key in ("chosen", "rejected"):
+        _check_text(row[key], key, where)
+    return PreferencePair(prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"])
+
+
+def _check_text(value: Any, key: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: {key!r} is empty")
+
+
+def _check_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {key!r} must be a list of {{role, content}} messages, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where}: {key!r} is empty")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise ValueError(f"{where}: {key}[{index}] must be a {{role, content}} message")
+        for field in ("role", "content"):
+            if not isinstance(message[field], str):
+                raise ValueError(f"{where}: {key}[{index}].{field} must be a string")
+    if not value[-1]["content"].strip():
+        raise ValueError(f"{where}: {key!r} ends with an empty message")
+    return [{"role": message["role"], "content": message["content"]} for message in value]
+
+
+def _parse_chat_row(
+    row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase | None, chat_template: str | None
+) -> PreferencePair:
+    chosen = _check_messages(row["chosen"], "chosen", where)
+    rejected = _check_messages(row["rejected"], "rejected", where)
+    prompt = row.get("prompt")
+    if prompt is None or prompt == "":
+        prefix: list[dict[str, str]] = []
+    elif isinstance(prompt, str):
+        prefix = [{"role": "user", "content": prompt}]
+    else:
+        prefix = _check_messages(prompt, "prompt", where)
+    # Datasets differ on whether chosen/rejected repeat the prompt; prepend it only where they do not.
+    chosen = chosen if chosen[: len(prefix)] == prefix else prefix + chosen
+    rejected = rejected if rejected[: len(prefix)] == prefix else prefix + rejected
+    return PreferencePair(
+        prompt="",
+        chosen=render_chat(chosen, tokenizer, chat_template, where),
+        rejected=render_chat(rejected, tokenizer, chat_template, where),
+    )
+
+
+def render_chat(
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase | None,
+    chat_template: str | None = None,
+    where: str = "chat messages",
+) -> str:
+    """The conversation as text, through `chat_template` if given, else the tokenizer's own template."""
+    if tokenizer is None:
+        raise ValueError(f"{where}: chat-format pairs need a tokenizer to render them")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{where}: chat-format pairs, but the tokenizer has no chat template; "
+            "set reward_model_training.chat_template to a Jinja template string"
+        )
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+
+
+def split_pairs(
+    pairs: list[PreferencePair], eval_fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, held out), with no prompt in both, so accuracy is measured on prompts the model never saw."""
+    groups: dict[str, list[PreferencePair]] = {}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(pair.prompt or f"#{index}", []).append(pair)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    eval_groups = min(len(keys) - 1, max(1, round(len(keys) * eval_fraction)))
+    if eval_groups < 1:
+        raise ValueError(f"{len(pairs)} pairs share one prompt: nothing left to hold out")
+    held_out = [pair for key in keys[:eval_groups] for pair in groups[key]]
+    train = [pair for key in keys[eval_groups:] for pair in groups[key]]
+    return train, held_out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A simulated annotator for the demo
+
+
+def simulated_preferences(task: Task, count: int, rng: random.Random) -> list[PreferencePair]:
+    """`count` pairs judged by the task's reward: two candidates per prompt, the higher-rewarded one chosen.
+
+    Candidates are the task's (imperfect) demonstrations, half of the time with one character corrupted; pairs
+    the reward cannot tell apart (ties) are skipped, as an annotator would skip them.
+    """
+    pairs: list[PreferencePair] = []
+    attempts = 0
+    while len(pairs) < count:
+        attempts += 1
+        if attempts > 50:
+            raise ValueError(f"task {task.name!r}: its reward ties almost every candidate pair; cannot make pairs")
+        for example in task.make_examples(count, rng):
+            first = task.demonstrate(example, rng)
+            second = task.demonstrate(example, rng)
+            if rng.random() < 0.5 or second == first:
+                second = _corrupt(first, task.alphabet, rng)
+            first_reward, second_reward = task.reward([example.prompt] * 2, [first, second], [example.metadata] * 2)
+            if first_reward == second_reward:
+                continue
+            chosen, rejected = (first, second) if first_reward > second_reward else (second, first)
+            pairs.append(PreferencePair(prompt=example.prompt, chosen=chosen, rejected=rejected))
+            if len(pairs) == count:
+                break
+    return pairs
+
+
+def _corrupt(text: str, alphabet: str, rng: random.Random) -> str:
+    if not text:
+        return rng.choice(alphabet)
+    position = rng.randrange(len(text))
+    replacement = rng.choice([char for char in alphabet if char != text[position]] or list(alphabet))
+    return text[:position] + replacement + text[position + 1 :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenising
+#
+# A preference batch is one right-padded tensor: the chosen sequences in rows [0, B), the rejected ones in
+# rows [B, 2B), so one forward scores both. Padding is pad_token_id with attention_mask 0; the model reads each
+# score at the last token that is not pad_token_id.
+
+
+def tokenize_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
+) -> list[int]:
+    """prompt + response ids as PPO's reward model sees them; an over-long sequence keeps its end (the score's)."""
+    prompt_ids = tokenize_prompt(tokenizer, prompt) if prompt else []
+    # A rendered chat conversation carries its own special tokens, so none are added to a response.
+    ids = prompt_ids + tokenizer(response, add_special_tokens=False).input_ids
+    return ids[-max_length:]
+
+
+def collate_preferences(
+    tokenizer: PreTrainedTokenizerBase, pairs: list[PreferencePair], max_length: int
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask [2B, L]: chosen rows first, then rejected rows in the same order."""
+    sequences = [tokenize_response(tokenizer, pair.prompt, pair.chosen, max_length) for pair in pairs]
+    sequences += [tokenize_response(tokenizer, pair.prompt, pair.rejected, max_length) for pair in pairs]
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen scores [B], rejected scores [B]) of a batch from collate_preferences."""
+    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The math
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """−mean log σ(c − r) over pairs, scores [B] each → scalar; Bradley–Terry's P(chosen ≻ rejected) is σ(c − r)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def pair_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
+    """Share of pairs [B] the model orders as the annotator did (c > r strictly; a tie counts as wrong)."""
+    return (chosen_scores > rejected_scores).float().mean().item()
+
+
+def mean_margin(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
+    """Mean of c − r over pairs [B]."""
+    return (chosen_scores - rejected_scores).float().mean().item()

@@ -25,14 +25,16 @@ def reward_source(config: RelayConfig) -> RewardSource:
 
 
 class RewardScorer:
-    def __init__(self, config: RelayConfig, rank: int, world_size: int) -> None:
+    def __init__(self, config: RelayConfig, rank: int, world_size: int, model_path: str | None = None) -> None:
+        """`model_path`: the reward model (type model), which the driver resolves or trains."""
         self.rank = rank
         self.world_size = world_size
         self.section = config.reward
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.section.type == "model":
-            tokenizer = load_tokenizer(self.section.model)
-            self.model = load_model(self.section.model, "reward", self.section.dtype, tokenizer.pad_token_id)
+            assert model_path is not None
+            tokenizer = load_tokenizer(model_path)
+            self.model = load_model(model_path, "reward", self.section.dtype, tokenizer.pad_token_id)
             self.model = self.model.to(self.device).eval().requires_grad_(False)
         else:
             self.source = reward_source(config)

@@ -59,6 +59,8 @@ class DriverState:
     eval_score_before: float | None = None
     eval_points: list[tuple[int, float]] | None = None
     reward_stats: dict | None = None  # the reward normalizer's running mean/std
+    reward_model: str | None = None  # reward.model, or the one trained at the start of the run
+    reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
 
 
 def connect_ray(config: RelayConfig) -> None:
@@ -140,13 +142,20 @@ class PPOTrainer:
 
                 policy_path = run_warm_start(config, base_path, self.run_dir)
                 self.fleet.load_weights_from(policy_path, policy_version=0)
+            if config.reward.type == "model" and config.reward_model_training is not None:
+                from jobs.reward_model import run_reward_model_training
+
+                # The reward model starts from the warm-started policy, as in InstructGPT.
+                trained = run_reward_model_training(config, policy_path, self.run_dir)
+                self.state.reward_model = trained["path"]
+                self.state.reward_model_accuracy = trained["accuracy"]
+            elif config.reward.model:
+                self.state.reward_model = resolve_model_path(config.reward.model)
             self.state.reference_model = resolve_model_path(config.reference.model or policy_path)
             self.state.eval_score_before = self.evaluate()
             self.state.eval_points = [(0, self.state.eval_score_before)]
 
-        critic_path = resolve_model_path(
-            config.critic.model or (config.reward.model if config.reward.type == "model" else policy_path)
-        )
+        critic_path = resolve_model_path(config.critic.model or self.state.reward_model or policy_path)
         if checkpoint is not None:
             critic_path = str(checkpoint / "critic")
         placement = {"use_gpu": config.device == "cuda", "namespace": config.actor_namespace}
@@ -162,7 +171,7 @@ class PPOTrainer:
                                     config=config, model_path=self.state.reference_model)
         self.reward = ActorGroup(RewardScorer, "reward", **self.placement_of(config.reward),
                                  use_gpu=placement["use_gpu"] and config.reward.uses_gpu_model,
-                                 namespace=config.actor_namespace, config=config)
+                                 namespace=config.actor_namespace, config=config, model_path=self.state.reward_model)
         for group in (self.policy, self.critic, self.reference, self.reward):  # built in parallel, awaited here
             group.wait_ready()
         if checkpoint is not None:
@@ -321,6 +330,9 @@ class PPOTrainer:
             "final_policy": str(final / "policy"),
             "reference_model": self.state.reference_model,
         }
+        if self.state.reward_model_accuracy is not None:
+            summary |= {"reward_model": self.state.reward_model,
+                        "reward_model_accuracy": self.state.reward_model_accuracy}
         self.finish(summary, final)
         self.report_status("finished", {})
         return summary

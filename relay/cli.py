@@ -1,8 +1,10 @@
 """The `relay` command.
 
-    relay demo [overrides]                        the embedded default: local Ray, tiny model, warm start, PPO
+    relay demo [--pipeline rlhf] [overrides]      the embedded default: local Ray, tiny model, warm start, PPO
+                                                  (rlhf: + a reward model from simulated preferences)
     relay train --config FILE [overrides]         PPO here (joins RAY_ADDRESS's cluster, else a local Ray)
     relay sft --config FILE [overrides]           the supervised warm start alone
+    relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
     relay submit FILE [--address URL] [overrides] PPO as a Ray job on a cluster; prints the job id
     relay status|logs|stop JOB_ID [--address URL] follow a submitted job
     relay scale JOB_ID --rollout-workers N        grow or shrink the run's vLLM fleet at the next iteration
@@ -20,15 +22,19 @@ from pathlib import Path
 
 import jobs
 
-DEMO_CONFIG = Path(jobs.__file__).parent / "configs" / "demo.yaml"
+DEMO_CONFIGS = {name: Path(jobs.__file__).parent / "configs" / f"{stem}.yaml"
+                for name, stem in (("ppo", "demo"), ("rlhf", "demo-rlhf"))}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relay", description="RLHF with PPO on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the embedded default on this machine")
+    demo.add_argument("--pipeline", choices=sorted(DEMO_CONFIGS), default="ppo",
+                      help="ppo: warm start + PPO on the task's reward; rlhf: + a learned reward model")
     demo.add_argument("overrides", nargs="*", help="dotted.key=value")
-    for name, text in (("train", "PPO (jobs/ppo.py)"), ("sft", "supervised warm start (jobs/sft.py)")):
+    for name, text in (("train", "PPO (jobs/ppo.py)"), ("sft", "supervised warm start (jobs/sft.py)"),
+                       ("reward-model", "Bradley-Terry reward model (jobs/reward_model.py)")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", required=True)
         command.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -62,13 +68,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("demo", "train"):
         from jobs.ppo import main as ppo_main
 
-        config = str(DEMO_CONFIG) if args.command == "demo" else args.config
+        config = str(DEMO_CONFIGS[args.pipeline]) if args.command == "demo" else args.config
         ppo_main(["--config", config, *args.overrides])
         return
     if args.command == "sft":
         from jobs.sft import main as sft_main
 
         sft_main(["--config", args.config, *args.overrides])
+        return
+    if args.command == "reward-model":
+        from jobs.reward_model import main as reward_model_main
+
+        reward_model_main(["--config", args.config, *args.overrides])
         return
 
     from relay import cluster

@@ -89,8 +89,6 @@ class RewardSection(InferenceSection):
 
     @model_validator(mode="after")
     def _source_is_named(self) -> RewardSection:
-        if self.type == "model" and not self.model:
-            raise ValueError("reward.type is 'model' but reward.model is not set")
         if self.type == "remote" and not self.url:
             raise ValueError("reward.type is 'remote' but reward.url is not set")
         return self
@@ -160,6 +158,11 @@ class TinyModelSection(Section):
 class WarmStartSection(Section):
     """Supervised fine-tuning on the task's demonstrations before PPO (Ray Train TorchTrainer + DeepSpeed)."""
 
+    data: str | None = Field(
+        None, description="prompt/response or chat `messages` data (jsonl, parquet, HF dataset); None: the task's"
+    )
+    chat_template: str | None = Field(None, description="Jinja chat template for tokenizers that have none")
+    max_length: int = Field(1024, ge=8, description="tokens per example; longer ones keep their start")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1, description="sequences per step across all ranks")
     learning_rate: float = Field(1e-3, gt=0)
@@ -229,11 +232,15 @@ class RelayConfig(Section):
             learner_roles["reward"] = self.reward.resources
         if self.warm_start is not None:
             learner_roles["warm_start"] = self.warm_start.resources
+        if self.reward_model_training is not None:
+            learner_roles["reward_model_training"] = self.reward_model_training.resources
         for role, resources in learner_roles.items():
             if self.device == "cuda" and resources.gpus_per_node == 0:
                 raise ValueError(f"{role}.resources.gpus_per_node must be >= 1 with device: cuda")
             if self.device == "cpu" and resources.gpus_per_node > 0:
                 raise ValueError(f"{role}.resources.gpus_per_node must be 0 with device: cpu")
+        if self.reward.type == "model" and not self.reward.model and self.reward_model_training is None:
+            raise ValueError("reward.type is 'model': set reward.model, or reward_model_training to train one")
         if not self.reward.uses_gpu_model and self.reward.resources.gpus_per_node:
             raise ValueError(f"reward.resources.gpus_per_node must be 0: a {self.reward.type} reward runs on CPUs")
         if self.reward.colocate_with_policy and not self.reward.uses_gpu_model:

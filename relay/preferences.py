@@ -249,8 +249,12 @@ def tokenize_response(
 ) -> list[int]:
     """prompt + response ids as PPO's reward model sees them; an over-long sequence keeps its end (the score's)."""
     prompt_ids = tokenize_prompt(tokenizer, prompt) if prompt else []
-    # A rendered chat conversation carries its own special tokens, so none are added to a response.
+    # A rendered chat conversation carries its own special tokens, so none are added to a response. A finished
+    # PPO sample ends in EOS and the reward actor reads its score there, so training ends each response the same
+    # way (where pad is EOS, transformers skips that token in both places alike).
     ids = prompt_ids + tokenizer(response, add_special_tokens=False).input_ids
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != tokenizer.pad_token_id:
+        ids.append(tokenizer.eos_token_id)
     return ids[-max_length:]
 
 

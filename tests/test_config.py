@@ -59,7 +59,7 @@ def test_device_and_gpus_agree():
 
 
 def test_reward_model_needs_a_path():
-    with pytest.raises(ConfigError, match="reward.model is not set"):
+    with pytest.raises(ConfigError, match="set reward.model, or reward_model_training"):
         load_config(CONFIGS / "demo.yaml", ["reward.type=model"])
 
 

@@ -2,19 +2,21 @@
 
     python -m jobs.sft --config jobs/configs/demo.yaml
 
-Trains the policy on the task's demonstrations (loss on response tokens only) and saves a Hugging Face checkpoint
-through Ray Train's checkpointing; the PPO job runs the same function as its warm start when the config has a
-`warm_start` section.
+Trains the policy on `warm_start.data` (prompt/response or chat `messages` rows from jsonl, parquet or a Hugging
+Face dataset; see relay/data.py) or, when that is unset, on the task's demonstrations, with the loss on response
+tokens only, and saves a Hugging Face checkpoint through Ray Train's checkpointing. The PPO job runs the same
+function as its warm start when the config has a `warm_start` section.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import ray.train
@@ -23,7 +25,7 @@ from ray.experimental import tqdm_ray
 from ray.train.torch import TorchTrainer
 
 from relay.config import ConfigError, RelayConfig, WarmStartSection, load_config
-from relay.data import collate_sft, tokenize_sft_example
+from relay.data import IGNORE_INDEX, collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
 from relay.tasks import get_task, split_examples
 from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
@@ -45,18 +47,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine = init_engine(model, ds_config, section.learning_rate, weight_decay=0.0)
     engine.train()
 
-    task = get_task(loop_config["task"])
-    train_examples, _ = split_examples(task, loop_config["train_examples"], loop_config["eval_examples"], loop_config["seed"])
-    rng = random.Random(loop_config["seed"] * 7919 + rank)
+    if loop_config["examples"] is not None:
+        # User data, tokenized once on the driver: every rank walks the same shuffled order, one global batch
+        # per step, and trains on its own slice of it.
+        examples = ray.get(loop_config["examples"])
+        order = shuffled_forever(len(examples), loop_config["seed"])
+
+        def next_batch() -> list[tuple[list[int], list[int]]]:
+            global_batch = [examples[next(order)] for _ in range(per_rank * world_size)]
+            return global_batch[rank * per_rank : (rank + 1) * per_rank]
+    else:
+        task = get_task(loop_config["task"])
+        train_examples, _ = split_examples(
+            task, loop_config["train_examples"], loop_config["eval_examples"], loop_config["seed"]
+        )
+        rng = random.Random(loop_config["seed"] * 7919 + rank)
+
+        def next_batch() -> list[tuple[list[int], list[int]]]:
+            chosen = rng.sample(train_examples, per_rank)
+            return [
+                tokenize_sft_example(tokenizer, ex.prompt, task.demonstrate(ex, rng), section.max_length)
+                for ex in chosen
+            ]
+
     loss_value = float("nan")
     # tqdm_ray draws one bar in the driver's console from any worker, and survives Ray's log forwarding.
     progress = tqdm_ray.tqdm(total=section.steps, desc="warm start") if rank == 0 else None
     for step in range(section.steps):
-        chosen = rng.sample(train_examples, per_rank)
-        batch = collate_sft(
-            [tokenize_sft_example(tokenizer, ex.prompt, task.demonstrate(ex, rng)) for ex in chosen],
-            tokenizer.pad_token_id,
-        )
+        batch = collate_sft(next_batch(), tokenizer.pad_token_id)
         loss = engine(**{name: tensor.to(engine.device) for name, tensor in batch.items()}).loss
         engine.backward(loss)
         engine.step()
@@ -75,16 +93,50 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report({"loss": loss_value, "step": section.steps}, checkpoint=checkpoint)
 
 
+def shuffled_forever(count: int, seed: int) -> Iterator[int]:
+    """Indices 0..count-1 in a fresh seeded shuffle each epoch: the same stream on every rank."""
+    for epoch in itertools.count():
+        order = list(range(count))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        yield from order
+
+
+def tokenize_user_data(section: WarmStartSection, model_path: str) -> list[tuple[list[int], list[int]]]:
+    """`warm_start.data` as (input_ids, labels), validated here so a bad row fails before any worker starts."""
+    assert section.data is not None
+    tokenizer = load_tokenizer(model_path)
+    try:
+        pairs = load_sft_examples(section.data, tokenizer, section.chat_template)
+    except ValueError as error:
+        raise ConfigError(f"warm_start.data: {error}") from None
+    examples = [tokenize_sft_example(tokenizer, prompt, response, section.max_length) for prompt, response in pairs]
+    # Truncation keeps the start, so a prompt of max_length tokens or more leaves nothing to learn from.
+    trainable = [example for example in examples if any(label != IGNORE_INDEX for label in example[1])]
+    if not trainable:
+        raise ConfigError(
+            f"warm_start.data: every prompt in {section.data} fills warm_start.max_length={section.max_length} "
+            "tokens, so no response token is left to train on; raise warm_start.max_length"
+        )
+    if len(trainable) < len(examples):
+        print(
+            f"warm start: skipping {len(examples) - len(trainable)} of {len(examples)} examples whose prompt fills "
+            f"warm_start.max_length={section.max_length} tokens"
+        )
+    return trainable
+
+
 def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
-    """Fine-tune `model_path` on the task's demonstrations; return the path of the saved Hugging Face model."""
+    """Fine-tune `model_path` on `warm_start.data` or the task's demonstrations; return the saved model's path."""
     assert config.warm_start is not None
     section = config.warm_start
+    examples = ray.put(tokenize_user_data(section, model_path)) if section.data is not None else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "section": section.model_dump(),
             "model_path": model_path,
             "dtype": config.policy.dtype,
+            "examples": examples,
             "task": config.data.task,
             "seed": config.data.seed,
             "train_examples": config.data.train_prompts,
@@ -119,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(config)
-    print(f"warm-started model: {run_warm_start(config, prepare_base_model(config, run_dir), run_dir)}")
+    try:
+        model_path = run_warm_start(config, prepare_base_model(config, run_dir), run_dir)
+    except ConfigError as error:  # a malformed row of warm_start.data, found before any worker starts
+        sys.exit(str(error))
+    print(f"warm-started model: {model_path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,19 @@
-"""Tokenising training data: supervised (prompt, response) pairs with the loss on response tokens only."""
+"""Training data: reading rows from files, rendering chat, and supervised (prompt, response) examples.
+
+Sources are jsonl (one JSON object per line), parquet, or a Hugging Face dataset (a saved directory or a Hub
+name). Every row is reported by where it came from, "file:line" (jsonl, 1-based) or "file row i" (parquet,
+dataset; 0-based), and every error about a row starts with it.
+
+A supervised row is either `{"prompt": str, "response": str}` or `{"messages": [{role, content}, ...]}` ending in
+an assistant message: the prompt is the conversation before that message rendered with the chat template and the
+generation prompt, the response is its content. The loss is on response tokens only.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -8,16 +21,177 @@ from transformers import PreTrainedTokenizerBase
 IGNORE_INDEX = -100  # transformers' causal-LM loss skips labels equal to this
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a .jsonl/.json or .parquet file, or of a Hugging Face dataset."""
+    path = Path(source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        return _jsonl_rows(path)
+    if path.is_file() and path.suffix == ".parquet":
+        return _parquet_rows(path)
+    if path.is_file():
+        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl or .parquet")
+    return _dataset_rows(str(source), split)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for index, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {index}", row
+
+
+def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    saved = Path(name)
+    if saved.is_dir() and ((saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists()):
+        dataset = datasets.load_from_disk(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(name, split=split)
+    for index, row in enumerate(dataset):
+        yield f"dataset {name} ({split}) row {index}", row
+
+
+def check_text(value: Any, key: str, where: str) -> str:
+    """`value` if it is a non-blank string, else a ValueError naming `where` and `key`."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: {key!r} is empty")
+    return value
+
+
+def check_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
+    """`value` as a non-empty list of {role, content} string messages (extra fields dropped), else a ValueError."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {key!r} must be a list of {{role, content}} messages, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{where}: {key!r} is empty")
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise ValueError(f"{where}: {key}[{index}] must be a {{role, content}} message")
+        for field in ("role", "content"):
+            if not isinstance(message[field], str):
+                raise ValueError(f"{where}: {key}[{index}].{field} must be a string")
+    if not value[-1]["content"].strip():
+        raise ValueError(f"{where}: {key!r} ends with an empty message")
+    return [{"role": message["role"], "content": message["content"]} for message in value]
+
+
+def render_chat(
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase | None,
+    chat_template: str | None = None,
+    where: str = "chat messages",
+    add_generation_prompt: bool = False,
+    template_setting: str = "chat_template",
+) -> str:
+    """The conversation as text, through `chat_template` if given, else the tokenizer's own template.
+
+    `template_setting` is the config field a user sets when the tokenizer has no template; the error names it.
+    """
+    if tokenizer is None:
+        raise ValueError(f"{where}: chat-format rows need a tokenizer to render them")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{where}: chat-format rows, but the tokenizer has no chat template; "
+            f"set {template_setting} to a Jinja template string"
+        )
+    return tokenizer.apply_chat_template(
+        messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Supervised examples
+
+
+def load_sft_examples(
+    source: str | Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    chat_template: str | None = None,
+    split: str = "train",
+) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from prompt/response or chat `messages` rows; see the module docstring.
+
+    Raises ValueError naming the file and line (or row) of the first malformed row. `tokenizer` (and
+    `chat_template`, which overrides the tokenizer's own) is needed only for chat rows.
+    """
+    examples = [parse_sft_row(row, where, tokenizer, chat_template) for where, row in read_rows(source, split)]
+    if not examples:
+        raise ValueError(f"{source}: no examples")
+    return examples
+
+
+def parse_sft_row(
+    row: Any, where: str, tokenizer: PreTrainedTokenizerBase | None = None, chat_template: str | None = None
+) -> tuple[str, str]:
+    """One validated (prompt, response); `where` ("file:line" or "file row i") starts every error message."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with prompt/response or messages, got {type(row).__name__}")
+    if "messages" in row:
+        messages = check_messages(row["messages"], "messages", where)
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(
+                f"{where}: the last message is from {messages[-1]['role']!r}, not 'assistant'; "
+                "a chat example trains on its last assistant message"
+            )
+        if len(messages) < 2:
+            raise ValueError(f"{where}: 'messages' holds only the assistant's reply; it needs a message before it")
+        prompt = render_chat(
+            messages[:-1], tokenizer, chat_template, where, add_generation_prompt=True,
+            template_setting="warm_start.chat_template",
+        )
+        return prompt, messages[-1]["content"]
+    for key in ("prompt", "response"):
+        if key not in row:
+            raise ValueError(f"{where}: missing key {key!r} (rows need prompt and response, or messages)")
+    if not isinstance(row["prompt"], str):
+        raise ValueError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    return row["prompt"], check_text(row["response"], "response", where)
+
+
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Prompt ids as the policy sees them at generation time (the tokenizer's special tokens included)."""
     return tokenizer(prompt).input_ids
 
 
-def tokenize_sft_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for prompt + response + EOS; labels are IGNORE_INDEX on every prompt token."""
+def tokenize_sft_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for prompt + response + EOS; labels are IGNORE_INDEX on every prompt token.
+
+    A sequence longer than `max_length` keeps its first `max_length` tokens.
+    """
     prompt_ids = tokenize_prompt(tokenizer, prompt)
+    # A rendered chat prompt often starts with the template's own BOS; the tokenizer would add a second one.
+    bos = tokenizer.bos_token_id
+    if bos is not None and prompt.startswith(tokenizer.bos_token) and prompt_ids[:2] == [bos, bos]:
+        prompt_ids = prompt_ids[1:]
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return input_ids, labels
 
 
 def collate_sft(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -13,17 +13,17 @@ The reward model scores a right-padded `prompt + response` and reads its score a
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from relay.data import tokenize_prompt
+from relay.data import check_messages, check_text, read_rows, tokenize_prompt
+from relay.data import render_chat as render_conversation
 from relay.tasks import Task
 
 
@@ -50,52 +50,10 @@ def load_preferences(
     malformed row. `tokenizer` (and `chat_template`, which overrides the tokenizer's own) is needed only for
     chat-format rows.
     """
-    path = Path(source)
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        rows: Iterable[tuple[str, Any]] = _jsonl_rows(path)
-    elif path.is_file() and path.suffix == ".parquet":
-        rows = _parquet_rows(path)
-    elif path.is_file():
-        raise ValueError(f"{path}: unknown preference file type {path.suffix!r}; use .jsonl or .parquet")
-    else:
-        rows = _dataset_rows(str(source), split)
-    pairs = [parse_row(row, where, tokenizer, chat_template) for where, row in rows]
+    pairs = [parse_row(row, where, tokenizer, chat_template) for where, row in read_rows(source, split)]
     if not pairs:
         raise ValueError(f"{source}: no preference pairs")
     return pairs
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-
-
-def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    for index, row in enumerate(pq.read_table(path).to_pylist()):
-        yield f"{path} row {index}", row
-
-
-def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    saved = Path(name)
-    if saved.is_dir() and ((saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists()):
-        dataset = datasets.load_from_disk(name)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-    else:
-        dataset = datasets.load_dataset(name, split=split)
-    for index, row in enumerate(dataset):
-        yield f"dataset {name} ({split}) row {index}", row
 
 
 def parse_row(
@@ -114,45 +72,22 @@ def parse_row(
     if not isinstance(row["prompt"], str):
         raise ValueError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
     for key in ("chosen", "rejected"):
-        _check_text(row[key], key, where)
+        check_text(row[key], key, where)
     return PreferencePair(prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"])
-
-
-def _check_text(value: Any, key: str, where: str) -> None:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{where}: {key!r} is empty")
-
-
-def _check_messages(value: Any, key: str, where: str) -> list[dict[str, str]]:
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: {key!r} must be a list of {{role, content}} messages, got {type(value).__name__}")
-    if not value:
-        raise ValueError(f"{where}: {key!r} is empty")
-    for index, message in enumerate(value):
-        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
-            raise ValueError(f"{where}: {key}[{index}] must be a {{role, content}} message")
-        for field in ("role", "content"):
-            if not isinstance(message[field], str):
-                raise ValueError(f"{where}: {key}[{index}].{field} must be a string")
-    if not value[-1]["content"].strip():
-        raise ValueError(f"{where}: {key!r} ends with an empty message")
-    return [{"role": message["role"], "content": message["content"]} for message in value]
 
 
 def _parse_chat_row(
     row: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase | None, chat_template: str | None
 ) -> PreferencePair:
-    chosen = _check_messages(row["chosen"], "chosen", where)
-    rejected = _check_messages(row["rejected"], "rejected", where)
+    chosen = check_messages(row["chosen"], "chosen", where)
+    rejected = check_messages(row["rejected"], "rejected", where)
     prompt = row.get("prompt")
     if prompt is None or prompt == "":
         prefix: list[dict[str, str]] = []
     elif isinstance(prompt, str):
         prefix = [{"role": "user", "content": prompt}]
     else:
-        prefix = _check_messages(prompt, "prompt", where)
+        prefix = check_messages(prompt, "prompt", where)
     # Datasets differ on whether chosen/rejected repeat the prompt; prepend it only where they do not.
     chosen = chosen if chosen[: len(prefix)] == prefix else prefix + chosen
     rejected = rejected if rejected[: len(prefix)] == prefix else prefix + rejected
@@ -169,15 +104,10 @@ def render_chat(
     chat_template: str | None = None,
     where: str = "chat messages",
 ) -> str:
-    """The conversation as text, through `chat_template` if given, else the tokenizer's own template."""
-    if tokenizer is None:
-        raise ValueError(f"{where}: chat-format pairs need a tokenizer to render them")
-    if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"{where}: chat-format pairs, but the tokenizer has no chat template; "
-            "set reward_model_training.chat_template to a Jinja template string"
-        )
-    return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False)
+    """The whole conversation as text, through `chat_template` if given, else the tokenizer's own template."""
+    return render_conversation(
+        messages, tokenizer, chat_template, where, template_setting="reward_model_training.chat_template"
+    )
 
 
 def split_pairs(

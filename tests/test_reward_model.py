@@ -176,16 +176,17 @@ def test_split_keeps_prompts_apart_and_collate_pads_right(tiny_model):
 
     tokenizer = load_tokenizer(str(tiny_model))
     batch = collate_preferences(tokenizer, [PreferencePair("12=", "21", "1"), PreferencePair("3=", "3", "4")], 16)
-    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     ids = {char: tokenizer.convert_tokens_to_ids(char) for char in "12345="}
-    # rows: chosen "12=21", "3=3", then rejected "12=1", "3=4"; BOS first, right-padded to 6
+    # rows: chosen "12=21", "3=3", then rejected "12=1", "3=4"; BOS first, EOS last (where PPO's reward model reads
+    # a finished sample's score), right-padded to 7
     assert batch["input_ids"].tolist() == [
-        [bos, ids["1"], ids["2"], ids["="], ids["2"], ids["1"]],
-        [bos, ids["3"], ids["="], ids["3"], pad, pad],
-        [bos, ids["1"], ids["2"], ids["="], ids["1"], pad],
-        [bos, ids["3"], ids["="], ids["4"], pad, pad],
+        [bos, ids["1"], ids["2"], ids["="], ids["2"], ids["1"], eos],
+        [bos, ids["3"], ids["="], ids["3"], eos, pad, pad],
+        [bos, ids["1"], ids["2"], ids["="], ids["1"], eos, pad],
+        [bos, ids["3"], ids["="], ids["4"], eos, pad, pad],
     ]
-    assert batch["attention_mask"].sum(dim=1).tolist() == [6, 4, 5, 4]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [7, 5, 6, 5]
 
 
 # --- the job, end to end -----------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ checkpoints (`resume: auto` continues from the newest), summary.json, reward_cur
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet, Sample
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right
-from relay.config import ConfigError, InferenceSection, RelayConfig, dump_config, load_config
+from relay.config import InferenceSection, RelayConfig, config_from_command_line, dump_config
 from relay.data import tokenize_prompt
 from relay.metrics import MetricsLogger, plot_reward_curve
 from relay.models import build_tiny_model, load_tokenizer
@@ -423,14 +422,7 @@ def mean_over_ranks(stats: list[dict[str, float]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="PPO on Ray: vLLM rollouts, DeepSpeed learners.")
-    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. ppo.kl_coef=0.1")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        sys.exit(str(error))
+    config = config_from_command_line("PPO on Ray: vLLM rollouts, DeepSpeed learners.", argv)
     connect_ray(config)
     trainer = PPOTrainer(config)
     try:

@@ -12,7 +12,6 @@ PPO run uses it with `reward.type: model` and `reward.model: <path>`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -26,7 +25,7 @@ import torch
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from relay.config import ConfigError, RelayConfig, RewardModelSection, load_config
+from relay.config import RelayConfig, RewardModelSection, config_from_command_line
 from relay.models import load_tokenizer
 from relay.preferences import (
     PreferencePair,
@@ -145,16 +144,9 @@ def run_reward_model_training(config: RelayConfig, base_model_path: str, run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Bradley–Terry reward model on Ray Train + DeepSpeed.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        sys.exit(str(error))
+    config = config_from_command_line("Bradley–Terry reward model on Ray Train + DeepSpeed.", argv)
     if config.reward_model_training is None:
-        sys.exit(f"{args.config}: no reward_model_training section; nothing to train")
+        sys.exit("the config has no reward_model_training section; nothing to train")
     from jobs.ppo import connect_ray, prepare_base_model
 
     run_dir = Path(config.run.output_dir)

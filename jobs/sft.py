@@ -10,7 +10,6 @@ function as its warm start when the config has a `warm_start` section.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 import sys
@@ -24,7 +23,7 @@ from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.experimental import tqdm_ray
 from ray.train.torch import TorchTrainer
 
-from relay.config import ConfigError, RelayConfig, WarmStartSection, load_config
+from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
 from relay.data import IGNORE_INDEX, collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
 from relay.tasks import get_task, split_examples
@@ -156,16 +155,9 @@ def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Supervised warm start on Ray Train + DeepSpeed.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        sys.exit(str(error))
+    config = config_from_command_line("Supervised warm start on Ray Train + DeepSpeed.", argv)
     if config.warm_start is None:
-        sys.exit(f"{args.config}: no warm_start section; nothing to train")
+        sys.exit("the config has no warm_start section; nothing to train")
     from jobs.ppo import connect_ray, prepare_base_model
 
     run_dir = Path(config.run.output_dir)

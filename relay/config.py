@@ -322,3 +322,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(config: RelayConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_command_line(description: str, argv: list[str] | None = None) -> RelayConfig:
+    """`--config FILE [dotted.key=value ...]` as every job entrypoint takes it; a bad config exits with its message."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. ppo.kl_coef=0.1")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as error:
+        sys.exit(str(error))

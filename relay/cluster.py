@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 from actors.control import CONTROL_NAMESPACE, control_actor_name  # noqa: E402
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+AGENT_WAIT_S = 60
 # What travels with a job besides the code: nothing big or private.
 WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 
@@ -30,6 +31,18 @@ def job_client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS)
+
+
+def submit_job(client, timeout_s: float = AGENT_WAIT_S, **job: Any) -> str:
+    """`client.submit_job`, waiting while a freshly started cluster's job agent is not up yet (Ray answers 500)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def submit(config_path: str, overrides: list[str], address: str | None, working_dir: str = ".",
@@ -43,7 +56,7 @@ def submit(config_path: str, overrides: list[str], address: str | None, working_
     runtime_env: dict[str, Any] = {"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES}
     if env:
         runtime_env["env_vars"] = env
-    return job_client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    return submit_job(job_client(address), entrypoint=entrypoint, runtime_env=runtime_env)
 
 
 def control_call(job_id: str, method: str, args: tuple[Any, ...], address: str | None, timeout_s: float = 120) -> Any:
@@ -55,7 +68,7 @@ def control_call(job_id: str, method: str, args: tuple[Any, ...], address: str |
         f"print('RELAY_RESULT ' + json.dumps(ray.get(actor.{method}.remote(*{args!r}))))\n"
     )
     client = job_client(address)
-    helper_id = client.submit_job(entrypoint=f"python -c {shlex.quote(snippet)}")
+    helper_id = submit_job(client, entrypoint=f"python -c {shlex.quote(snippet)}")
     deadline = time.monotonic() + timeout_s
     while (status := client.get_job_status(helper_id)) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
         if time.monotonic() > deadline:

@@ -234,3 +234,21 @@ def test_reward_model_job_learns_separable_preferences(ray_session, tiny_model, 
     with torch.no_grad():
         chosen, rejected = pair_scores(model, collate_preferences(tokenizer, pairs, 32))
     assert (chosen > rejected).all(), (chosen, rejected)
+
+    # The PPO reward actor's own class, on a rollout batch laid out as the driver lays it out (left-padded prompt,
+    # right-padded response ending in EOS): the chosen answers score higher.
+    from actors.reward import RewardScorer
+    from relay.batch import RolloutBatch, pad_left, pad_right
+
+    ppo_config = tiny_run_config(tmp_path / "ppo", "reward.type=model", f"reward.model={result['path']}",
+                                 "reward.dtype=float32")
+    scorer = RewardScorer(ppo_config, rank=0, world_size=1, model_path=result["path"])
+    prompts = [tokenizer(pair.prompt).input_ids for pair in pairs for _ in range(2)]
+    answers = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+               for pair in pairs for text in (pair.chosen, pair.rejected)]
+    query_ids, query_mask = pad_left(prompts, tokenizer.pad_token_id)
+    response_ids, response_mask = pad_right(answers, tokenizer.pad_token_id, torch.long)
+    batch = RolloutBatch(query_ids, query_mask, response_ids, response_mask, torch.zeros(response_ids.shape),
+                         [""] * 4, [""] * 4, [{}] * 4, policy_version=0)
+    rewards = scorer.score(batch)
+    assert rewards[0] > rewards[1] and rewards[2] > rewards[3], rewards

@@ -5,7 +5,6 @@ a JSONL log. Names are namespaced (`losses/policy`, `time/generate`); Ray's name
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,6 @@ class MetricsLogger:
 
 def read_metrics(jsonl_path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in jsonl_path.read_text().splitlines() if line.strip()]
-
-
-def all_finite(metrics: dict[str, float]) -> bool:
-    return all(math.isfinite(value) for value in metrics.values())
 
 
 def plot_reward_curve(jsonl_path: Path, png_path: Path, eval_points: list[tuple[int, float]]) -> None:

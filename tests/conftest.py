@@ -38,7 +38,10 @@ def tiny_run_config(output_dir: Path, *overrides: str) -> RelayConfig:
     )
 
 
-@pytest.fixture(scope="session")
+# Module scope: a local instance must not outlive its module, or its dashboard agent would still hold the default
+# agent ports when tests/test_cluster.py and tests/test_autoscaling.py start real clusters (whose job API then
+# answers "No available agent").
+@pytest.fixture(scope="module")
 def ray_session():
     import ray
 

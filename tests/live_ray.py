@@ -44,7 +44,10 @@ def ray_head(
     head = subprocess.Popen(
         [str(venv_bin / "ray"), "start", "--head", "--block", f"--port={ports['gcs']}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-         f"--metrics-export-port={ports['metrics']}", "--include-dashboard=true", *extra_args],
+         f"--metrics-export-port={ports['metrics']}", "--include-dashboard=true",
+         # Not the default agent ports, which another Ray instance on this machine may hold.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", *extra_args],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Job entrypoints run `python`: the cluster's Python is this virtual environment's.
         env={**os.environ, "RAY_ADDRESS": "", "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", **(env or {})},

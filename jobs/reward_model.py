@@ -22,9 +22,9 @@ from typing import Any
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train import Checkpoint
 
+from jobs.sft import fit_on_ray_train
 from relay.config import RelayConfig, RewardModelSection, config_from_command_line
 from relay.models import load_tokenizer
 from relay.preferences import (
@@ -116,9 +116,9 @@ def run_reward_model_training(config: RelayConfig, base_model_path: str, run_dir
     assert section is not None
     train_pairs, eval_pairs = split_pairs(preference_pairs(config, base_model_path), section.eval_fraction,
                                           config.data.seed)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    result = fit_on_ray_train(
+        "reward_model", train_loop_per_worker, config, section.resources, run_dir,
+        {
             "section": section.model_dump(),
             "model_path": base_model_path,
             "seed": config.data.seed,
@@ -126,16 +126,7 @@ def run_reward_model_training(config: RelayConfig, base_model_path: str, run_dir
             "train_pairs": ray.put(train_pairs),
             "eval_pairs": ray.put(eval_pairs),
         },
-        scaling_config=ScalingConfig(
-            num_workers=section.resources.world_size,
-            use_gpu=config.device == "cuda",
-            resources_per_worker={"CPU": section.resources.cpus_per_rank},
-        ),
-        run_config=RunConfig(name="reward_model", storage_path=str(run_dir.resolve() / "ray_train")),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"reward model training finished without a checkpoint (error: {result.error})")
     return {
         "path": result.checkpoint.path,
         "accuracy": result.metrics["reward_model/eval_accuracy"],

@@ -15,15 +15,15 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray
 import ray.train
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, Result, RunConfig, ScalingConfig
 from ray.experimental import tqdm_ray
 from ray.train.torch import TorchTrainer
 
-from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
+from relay.config import ConfigError, RelayConfig, Resources, WarmStartSection, config_from_command_line
 from relay.data import IGNORE_INDEX, collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
 from relay.tasks import get_task, split_examples
@@ -129,9 +129,9 @@ def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
     assert config.warm_start is not None
     section = config.warm_start
     examples = ray.put(tokenize_user_data(section, model_path)) if section.data is not None else None
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    result = fit_on_ray_train(
+        "warm_start", train_loop_per_worker, config, section.resources, run_dir,
+        {
             "section": section.model_dump(),
             "model_path": model_path,
             "dtype": config.policy.dtype,
@@ -141,17 +141,27 @@ def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
             "train_examples": config.data.train_prompts,
             "eval_examples": config.data.eval_prompts,
         },
+    )
+    return result.checkpoint.path
+
+
+def fit_on_ray_train(name: str, loop: Callable[[dict[str, Any]], None], config: RelayConfig, resources: Resources,
+                     run_dir: Path, loop_config: dict[str, Any]) -> Result:
+    """Run `loop` on `resources.world_size` Ray Train workers; the result always carries a checkpoint."""
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=section.resources.world_size,
+            num_workers=resources.world_size,
             use_gpu=config.device == "cuda",
-            resources_per_worker={"CPU": section.resources.cpus_per_rank},
+            resources_per_worker={"CPU": resources.cpus_per_rank},
         ),
-        run_config=RunConfig(name="warm_start", storage_path=str(run_dir.resolve() / "ray_train")),
+        run_config=RunConfig(name=name, storage_path=str(run_dir.resolve() / "ray_train")),
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"warm start finished without a checkpoint (error: {result.error})")
-    return result.checkpoint.path
+        raise RuntimeError(f"{name} finished without a checkpoint (error: {result.error})")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

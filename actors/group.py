@@ -14,14 +14,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from relay.config import Resources
-
-
-def bundle(cpus: float, gpus: int) -> dict[str, float]:
-    resources: dict[str, float] = {"CPU": cpus}
-    if gpus:
-        resources["GPU"] = gpus
-    return resources
+from relay.placement import Placement
 
 
 def free_port() -> int:
@@ -46,27 +39,23 @@ class ActorGroup:
         self,
         actor_class: type,
         name: str,
-        resources: Resources,
+        placement: Placement,
         *,
-        use_gpu: bool,
         namespace: str,
-        gpus_per_rank: float = 1.0,
-        colocated_cpus_per_rank: float = 0.0,
         share_placement_group: PlacementGroup | None = None,
-        env: dict[str, str] | None = None,
         **actor_kwargs: Any,
     ) -> None:
-        """`share_placement_group`: place rank i in bundle i of another role's group (colocation; that role
-        reserved `colocated_cpus_per_rank` extra CPUs per bundle and left `1 - gpus_per_rank` of each GPU free)."""
+        """`placement` (relay/placement.py) says what to reserve; a colocated role reserves nothing and puts rank i
+        in bundle i of `share_placement_group`, the policy learner's group."""
         self.name = name
-        self.world_size = resources.world_size
-        gpus = gpus_per_rank if use_gpu else 0
-        self.owns_placement_group = share_placement_group is None
-        if share_placement_group is None:
-            rank_bundle = bundle(resources.cpus_per_rank + colocated_cpus_per_rank, 1 if use_gpu else 0)
-            self.placement_group: PlacementGroup = placement_group([rank_bundle] * self.world_size, strategy="PACK")
+        self.world_size = placement.world_size
+        self.owns_placement_group = not placement.colocated
+        if placement.colocated:
+            if share_placement_group is None:
+                raise ValueError(f"{name} is colocated with the policy but was given no placement group to share")
+            self.placement_group: PlacementGroup = share_placement_group
         else:
-            self.placement_group = share_placement_group
+            self.placement_group = placement_group(placement.bundles, strategy=placement.strategy)
         ray.get(self.placement_group.ready())
         # The rendezvous lives where rank 0 will run: the node of bundle 0.
         master_addr, master_port = ray.get(
@@ -78,7 +67,6 @@ class ActorGroup:
         self.actors = []
         for rank in range(self.world_size):
             rank_env = {
-                **(env or {}),
                 "MASTER_ADDR": master_addr,
                 "MASTER_PORT": str(master_port),
                 "RANK": str(rank),
@@ -90,13 +78,12 @@ class ActorGroup:
                 remote_class.options(
                     name=f"{name}-{rank}",
                     namespace=namespace,
-                    num_cpus=resources.cpus_per_rank,
-                    num_gpus=gpus,
+                    num_cpus=placement.cpus_per_rank,
+                    num_gpus=placement.gpus_per_rank,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
                     runtime_env={"env_vars": rank_env},
                 ).remote(rank=rank, world_size=self.world_size, **actor_kwargs)
             )
-
 
     def wait_ready(self) -> None:
         """Block until every rank's constructor has finished (model loaded, engine built)."""

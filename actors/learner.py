@@ -74,23 +74,31 @@ class Learner:
         return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)
 
     def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
-        """`ppo_epochs` passes over this rank's shard in shuffled mini-batches; returns mean statistics."""
+        """`ppo_epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer
+        step apiece (gradients accumulated over its micro-batches); returns mean statistics."""
         self.engine.train()
         shard = batch.shard(self.rank, self.world_size)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
-        micro = self.section.micro_batch_size
+        mini_batch_rows = len(shard) // self.ppo.mini_batches  # the config checks that both divide evenly
         totals: dict[str, float] = {}
         count = 0
         for _ in range(self.ppo.ppo_epochs):
-            order = torch.randperm(len(shard), generator=generator)
-            for start in range(0, len(shard), micro):
-                part = shard.select(order[start : start + micro]).to(self.device)
-                loss, stats = self._loss(part)
-                self.engine.backward(loss)
-                self.engine.step()  # applies the update at the end of each mini-batch (gradient accumulation)
-                for name, value in stats.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                count += 1
+            for mini_batch in torch.randperm(len(shard), generator=generator).split(mini_batch_rows):
+                micro_batches = mini_batch.split(self.section.micro_batch_size)
+                for position, rows in enumerate(micro_batches):
+                    loss, stats = self._loss(shard.select(rows).to(self.device))
+                    self.engine.backward(loss)
+                    # DeepSpeed counts micro-steps itself and updates at its accumulation boundary: that must be
+                    # this mini-batch's last micro-batch, or gradients would leak into the next step (or iteration).
+                    if self.engine.is_gradient_accumulation_boundary() != (position == len(micro_batches) - 1):
+                        raise RuntimeError(
+                            f"{self.role} learner: DeepSpeed's accumulation boundary is out of step with mini-batch "
+                            f"of {len(micro_batches)} micro-batches at micro-batch {position}"
+                        )
+                    self.engine.step()
+                    for name, value in stats.items():
+                        totals[name] = totals.get(name, 0.0) + value
+                    count += 1
         return {name: total / count for name, total in totals.items()}
 
     def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -17,7 +17,7 @@ def reward_source(config: RelayConfig) -> RewardSource:
     section = config.reward
     if section.type == "remote":
         assert section.url is not None
-        return RemoteReward(section.url, timeout_s=section.timeout_s, max_retries=section.max_attempts,
+        return RemoteReward(section.url, timeout_s=section.timeout_s, max_attempts=section.max_attempts,
                             batch_size=section.request_batch_size)
     if section.function:
         return FunctionReward(load_object(section.function, "reward.function"), name=section.function)

@@ -14,8 +14,8 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.group import bundle
 from relay.config import RelayConfig
+from relay.placement import engine_placement
 
 # The engine runs inside the actor's own process (the default multiprocess engine would start another process
 # per worker and hand `collective_rpc` arguments over as lists rather than tensors); its INFO lines would drown
@@ -143,23 +143,17 @@ class RolloutFleet:
         return [member.worker for member in self.active]
 
     def _add(self, count: int) -> None:
-        rollout = self.config.rollout
-        gpus = 1 if self.config.device == "cuda" else 0
-        # With tensor parallelism the engine's own Ray workers take the GPU bundles; the actor holds only CPUs.
-        actor_gpus = gpus if rollout.tensor_parallel_size == 1 else 0
+        placement = engine_placement(self.config)
         remote_class = ray.remote(RolloutWorker)
         for _ in range(count):
             index = self._next_index
             self._next_index += 1
-            bundles = [bundle(rollout.cpus_per_worker, gpus)] + [
-                bundle(0, gpus) for _ in range(rollout.tensor_parallel_size - 1)
-            ]
-            group = placement_group(bundles, strategy="STRICT_PACK")
+            group = placement_group(placement.bundles, strategy=placement.strategy)
             worker = remote_class.options(
                 name=f"rollout-{index}",
                 namespace=self.config.actor_namespace,
-                num_cpus=rollout.cpus_per_worker,
-                num_gpus=actor_gpus,
+                num_cpus=placement.cpus_per_rank,
+                num_gpus=placement.gpus_per_rank,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0, placement_group_capture_child_tasks=True),
                 runtime_env={"env_vars": {**ENGINE_ENV, **_passthrough_env()}},
             ).remote(self.config, self.model_path, index)

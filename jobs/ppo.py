@@ -24,23 +24,27 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors.control import CONTROL_NAMESPACE, RunControl, control_actor_name, current_run_id
+from actors.control import RunControl
 from actors.group import ActorGroup
 from actors.learner import Learner
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet, Sample
+from jobs.common import connect_ray, prepare_base_model, resolve_model_path
+from jobs.reward_model import run_reward_model_training
+from jobs.sft import run_warm_start
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right
-from relay.config import InferenceSection, RelayConfig, config_from_command_line, dump_config
+from relay.config import RelayConfig, config_from_command_line, dump_config
 from relay.data import tokenize_prompt
 from relay.metrics import MetricsLogger, plot_reward_curve
-from relay.models import build_tiny_model, load_tokenizer
+from relay.models import load_tokenizer
+from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
+from relay.placement import role_placement
 from relay.rewards import RewardNormalizer
 from relay.tasks import Example, get_task, split_examples
 
-EVAL_SEED = 1_234_567
-COLOCATED_GPU_SHARE = 0.25  # of each policy GPU, per role placed beside the policy learner  # the same sampling seed for every evaluation, so scores differ by the policy alone
+EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
 
 
 @dataclass
@@ -60,34 +64,6 @@ class DriverState:
     reward_stats: dict | None = None  # the reward normalizer's running mean/std
     reward_model: str | None = None  # reward.model, or the one trained at the start of the run
     reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
-
-
-def connect_ray(config: RelayConfig) -> None:
-    """Join the job's cluster (Ray Jobs sets RAY_ADDRESS) or config.ray.address; otherwise start a local Ray."""
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, namespace=config.ray.namespace)
-    else:
-        # "local": a private instance, never a stale cluster left behind by an earlier `ray start`.
-        ray.init(address="local", num_cpus=config.ray.local_num_cpus, namespace=config.ray.namespace)
-
-
-def prepare_base_model(config: RelayConfig, run_dir: Path) -> str:
-    """The policy's starting weights: config.policy.model, or a tiny model built once into the run directory."""
-    if config.tiny_model is None:
-        assert config.policy.model is not None
-        return resolve_model_path(config.policy.model)
-    path = run_dir.resolve() / "base"
-    if not path.exists():
-        build_tiny_model(config.tiny_model, get_task(config.data.task).alphabet, path, config.run.seed)
-    return str(path)
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Local paths made absolute (actors run in other working directories); Hub names left as they are."""
-    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -114,80 +90,89 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
-        config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = latest_checkpoint(self.run_dir) if config.run.resume == "auto" else None
-        if checkpoint is None and (self.run_dir / "checkpoints").exists() and config.run.resume == "never":
-            raise FileExistsError(f"{self.run_dir} already holds checkpoints; set run.resume=auto or a new output_dir")
-        (self.run_dir / "config.yaml").write_text(dump_config(config))
-
+        """Resume from the newest checkpoint or start fresh, then place and start every role."""
+        checkpoint = self.prepare_run_dir()
         if checkpoint is not None:
-            self.state = DriverState(**json.loads((checkpoint / "driver_state.json").read_text()))
-            self.kl_controller.load_state_dict({"value": self.state.kl_coef})
-            if self.state.reward_stats:
-                self.reward_normalizer.load_state_dict(self.state.reward_stats)
-            policy_path = str(checkpoint / "policy")
-            self.tokenizer = load_tokenizer(policy_path)
-            self.fleet = RolloutFleet(config, policy_path)
-            print(f"resuming from {checkpoint} (iteration {self.state.iteration})")
+            policy_path, critic_path = self.resume_from(checkpoint)
         else:
-            base_path = prepare_base_model(config, self.run_dir)
-            self.tokenizer = load_tokenizer(base_path)
-            self.fleet = RolloutFleet(config, base_path)
-            self.state.eval_score_base = self.evaluate()
-            policy_path = base_path
-            if config.warm_start is not None:
-                from jobs.sft import run_warm_start
-
-                policy_path = run_warm_start(config, base_path, self.run_dir)
-                self.fleet.load_weights_from(policy_path, policy_version=0)
-            if config.reward.type == "model" and config.reward_model_training is not None:
-                from jobs.reward_model import run_reward_model_training
-
-                # The reward model starts from the warm-started policy, as in InstructGPT.
-                trained = run_reward_model_training(config, policy_path, self.run_dir)
-                self.state.reward_model = trained["path"]
-                self.state.reward_model_accuracy = trained["accuracy"]
-            elif config.reward.model:
-                self.state.reward_model = resolve_model_path(config.reward.model)
-            self.state.reference_model = resolve_model_path(config.reference.model or policy_path)
-            self.state.eval_score_before = self.evaluate()
-            self.state.eval_points = [(0, self.state.eval_score_before)]
-
-        critic_path = resolve_model_path(config.critic.model or self.state.reward_model or policy_path)
-        if checkpoint is not None:
-            critic_path = str(checkpoint / "critic")
-        placement = {"use_gpu": config.device == "cuda", "namespace": config.actor_namespace}
-        # Reference and reward model may share the policy learner's GPUs: a slice of each GPU, one rank per bundle.
-        colocated = [section for section in (config.reference, config.reward) if section.colocate_with_policy]
-        self.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, **placement,
-                                 gpus_per_rank=1 - COLOCATED_GPU_SHARE * len(colocated),
-                                 colocated_cpus_per_rank=sum(section.resources.cpus_per_rank for section in colocated),
-                                 role="policy", config=config, model_path=policy_path)
-        self.critic = ActorGroup(Learner, "critic-learner", config.critic.resources, **placement,
-                                 role="critic", config=config, model_path=critic_path)
-        self.reference = ActorGroup(Reference, "reference", **self.placement_of(config.reference), **placement,
-                                    config=config, model_path=self.state.reference_model)
-        self.reward = ActorGroup(RewardScorer, "reward", **self.placement_of(config.reward),
-                                 use_gpu=placement["use_gpu"] and config.reward.uses_gpu_model,
-                                 namespace=config.actor_namespace, config=config, model_path=self.state.reward_model)
-        for group in (self.policy, self.critic, self.reference, self.reward):  # built in parallel, awaited here
-            group.wait_ready()
+            policy_path, critic_path = self.start_fresh()
+        self.place_roles(policy_path, critic_path)
         if checkpoint is not None:
             ray.get(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)))
-        self.metrics = MetricsLogger(self.run_dir, run_name=config.run.name)
+        self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name)
         self.control = ray.remote(RunControl).options(
-            name=control_actor_name(current_run_id(config.run.name)), namespace=CONTROL_NAMESPACE,
+            name=control_actor_name(current_run_id(self.config.run.name)), namespace=CONTROL_NAMESPACE,
             num_cpus=0, get_if_exists=True,
-        ).remote(config.rollout.num_workers)
+        ).remote(self.config.rollout.num_workers)
 
-    def placement_of(self, section: InferenceSection) -> dict:
-        """ActorGroup arguments for a scoring role: its own resources, or bundles shared with the policy."""
-        if not section.colocate_with_policy:
-            return {"resources": section.resources}
-        shared = self.config.policy.resources.model_copy(update={"cpus_per_rank": section.resources.cpus_per_rank})
-        return {"resources": shared, "share_placement_group": self.policy.placement_group,
-                "gpus_per_rank": COLOCATED_GPU_SHARE}
+    def prepare_run_dir(self) -> Path | None:
+        """Create the run directory and record the config; the checkpoint to resume from, if any."""
+        resume = self.config.run.resume
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(self.run_dir) if resume == "auto" else None
+        if resume == "never" and (self.run_dir / "checkpoints").exists():
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints; set run.resume=auto or a new output_dir")
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        return checkpoint
+
+    def resume_from(self, checkpoint: Path) -> tuple[str, str]:
+        """The driver's state, the KL controller and the reward normaliser as saved; engines on the saved policy.
+        Returns the policy and critic weights to start the learners from (their DeepSpeed states load later)."""
+        self.state = DriverState(**json.loads((checkpoint / "driver_state.json").read_text()))
+        self.kl_controller.load_state_dict({"value": self.state.kl_coef})
+        if self.state.reward_stats:
+            self.reward_normalizer.load_state_dict(self.state.reward_stats)
+        policy_path = str(checkpoint / "policy")
+        self.tokenizer = load_tokenizer(policy_path)
+        self.fleet = RolloutFleet(self.config, policy_path)
+        print(f"resuming from {checkpoint} (iteration {self.state.iteration})", flush=True)
+        return policy_path, str(checkpoint / "critic")
+
+    def start_fresh(self) -> tuple[str, str]:
+        """Base model → (warm start) → (reward model) → reference, evaluating before and after the warm start.
+        Returns the policy and critic weights to start the learners from."""
+        config = self.config
+        base_path = prepare_base_model(config, self.run_dir)
+        self.tokenizer = load_tokenizer(base_path)
+        self.fleet = RolloutFleet(config, base_path)
+        self.state.eval_score_base = self.evaluate()
+        policy_path = base_path
+        if config.warm_start is not None:
+            policy_path = run_warm_start(config, base_path, self.run_dir)
+            self.fleet.load_weights_from(policy_path, policy_version=0)
+        self.state.reward_model = self.prepare_reward_model(policy_path)
+        self.state.reference_model = resolve_model_path(config.reference.model or policy_path)
+        self.state.eval_score_before = self.evaluate()
+        self.state.eval_points = [(0, self.state.eval_score_before)]
+        critic_path = resolve_model_path(config.critic.model or self.state.reward_model or policy_path)
+        return policy_path, critic_path
+
+    def prepare_reward_model(self, policy_path: str) -> str | None:
+        """The reward model's path: trained here from the warm-started policy (as in InstructGPT) when the config
+        asks for it, else `reward.model`; None for function and remote rewards."""
+        config = self.config
+        if config.reward.type == "model" and config.reward_model_training is not None:
+            trained = run_reward_model_training(config, policy_path, self.run_dir)
+            self.state.reward_model_accuracy = trained["accuracy"]
+            return trained["path"]
+        return resolve_model_path(config.reward.model) if config.reward.model else None
+
+    def place_roles(self, policy_path: str, critic_path: str) -> None:
+        """Learners, reference and reward, each an ActorGroup placed as relay/placement.py plans (a colocated
+        scorer inside the policy learner's bundles), all started in parallel."""
+        config, namespace = self.config, self.config.actor_namespace
+        self.policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=namespace,
+                                 role="policy", config=config, model_path=policy_path)
+        self.critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"), namespace=namespace,
+                                 role="critic", config=config, model_path=critic_path)
+        self.reference = ActorGroup(Reference, "reference", role_placement(config, "reference"), namespace=namespace,
+                                    share_placement_group=self.policy.placement_group,
+                                    config=config, model_path=self.state.reference_model)
+        self.reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
+                                 share_placement_group=self.policy.placement_group,
+                                 config=config, model_path=self.state.reward_model)
+        for group in (self.policy, self.critic, self.reference, self.reward):  # built in parallel, awaited here
+            group.wait_ready()
 
     # ---------------------------------------------------------------- one PPO iteration
     def train_iteration(self, iteration: int) -> dict[str, float]:
@@ -305,25 +290,31 @@ class PPOTrainer:
         progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="PPO", unit="iter",
                         initial=self.state.iteration, total=config.run.iterations, disable=not sys.stdout.isatty())
         for iteration in progress:
-            self.apply_scaling()
+            requests = ray.get(self.control.requests.remote())
+            self.apply_scaling(requests["rollout_workers"])
             metrics = self.train_iteration(iteration)
             self.state.iteration = iteration
-            if iteration == config.run.iterations or (config.run.eval_every and iteration % config.run.eval_every == 0):
-                metrics["eval/score"] = self.evaluate()
+            last = iteration == config.run.iterations or requests["finish"]
+            if last or (config.run.eval_every and iteration % config.run.eval_every == 0):
+                with phase("eval", metrics):
+                    metrics["eval/score"] = self.evaluate()
                 self.state.eval_points.append((iteration, metrics["eval/score"]))
+            if last or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
+                with phase("checkpoint", metrics):
+                    self.save_checkpoint(iteration)
             metrics |= {"rollout/workers_active": len(self.fleet.active), "rollout/workers_pending": len(self.fleet.pending)}
             self.metrics.log(iteration, metrics)
-            tqdm.write(iteration_line(iteration, config.run.iterations, metrics))
+            log_line(iteration_line(iteration, config.run.iterations, metrics))
             self.report_status("running", metrics)
-            if config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0 and iteration < config.run.iterations:
-                self.save_checkpoint(iteration)
+            if last:
+                break
         eval_score_after = self.state.eval_points[-1][1]
-        final = self.save_checkpoint(config.run.iterations)
+        final = self.checkpoint_path(self.state.iteration)
         summary = {
             "eval_score_base": self.state.eval_score_base,
             "eval_score_before": self.state.eval_score_before,
             "eval_score_after": eval_score_after,
-            "iterations": config.run.iterations,
+            "iterations": self.state.iteration,
             "samples": self.state.samples,
             "wall_seconds": round(time.monotonic() - started, 1),
             "final_policy": str(final / "policy"),
@@ -336,10 +327,10 @@ class PPOTrainer:
         self.report_status("finished", {})
         return summary
 
-    def apply_scaling(self) -> None:
+    def apply_scaling(self, rollout_workers: int) -> None:
         """At the iteration boundary: follow the requested fleet size; engines that came up load the current
         weights (all learner ranks take part in the gather) and join."""
-        self.fleet.resize(ray.get(self.control.rollout_workers_requested.remote()))
+        self.fleet.resize(rollout_workers)
         joining = self.fleet.take_ready()
         if joining:
             weight_refs = self.policy.call("full_weights")
@@ -359,9 +350,12 @@ class PPOTrainer:
             "run_dir": str(self.run_dir),
         })
 
+    def checkpoint_path(self, iteration: int) -> Path:
+        return self.run_dir / "checkpoints" / f"iter_{iteration:06d}"
+
     def save_checkpoint(self, iteration: int) -> Path:
         """Policy and critic (Hugging Face + DeepSpeed states) and the driver's state, written whole or not at all."""
-        final = self.run_dir / "checkpoints" / f"iter_{iteration:06d}"
+        final = self.checkpoint_path(iteration)
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -391,6 +385,13 @@ class PPOTrainer:
                 getattr(self, name).shutdown()
         if hasattr(self, "control"):
             ray.kill(self.control)
+
+
+def log_line(line: str) -> None:
+    """One line into the job's log at once: above the progress bar on a terminal, and flushed, so a file or Ray's
+    log forwarding gets it the moment it is written rather than when a buffer fills."""
+    tqdm.write(line)
+    sys.stdout.flush()
 
 
 @contextmanager

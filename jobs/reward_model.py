@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 import random
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint
 
-from jobs.sft import fit_on_ray_train
+from jobs.common import connect_ray, fit_on_ray_train, prepare_base_model, save_and_report, start_train_worker
 from relay.config import RelayConfig, RewardModelSection, config_from_command_line
 from relay.models import load_tokenizer
 from relay.preferences import (
@@ -39,26 +37,16 @@ from relay.preferences import (
     split_pairs,
 )
 from relay.tasks import get_task
-from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
 
 REPORT_EVERY = 50
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     section = RewardModelSection.model_validate(loop_config["section"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    init_distributed()
-
-    tokenizer = load_tokenizer(loop_config["model_path"])
-    per_rank = max(1, section.batch_size // world_size)
-    ds_config = deepspeed_config(
-        zero_stage=section.zero_stage, offload=False, dtype=section.dtype, micro_batch_size=per_rank,
-        gradient_accumulation_steps=1, world_size=world_size, max_grad_norm=1.0,
-    )
-    model = load_for_training(loop_config["model_path"], "reward", ds_config, section.dtype, tokenizer.pad_token_id)
-    engine = init_engine(model, ds_config, section.learning_rate, weight_decay=0.0)
-    engine.train()
+    worker = start_train_worker(loop_config["model_path"], "reward", zero_stage=section.zero_stage,
+                                dtype=section.dtype, batch_size=section.batch_size,
+                                learning_rate=section.learning_rate)
+    rank, per_rank, tokenizer, engine = worker.rank, worker.per_rank_batch_size, worker.tokenizer, worker.engine
 
     train_pairs: list[PreferencePair] = ray.get(loop_config["train_pairs"])
     eval_pairs: list[PreferencePair] = ray.get(loop_config["eval_pairs"])
@@ -93,11 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     metrics["reward_model/eval_margin"] = mean_margin(chosen_all, rejected_all)
     metrics["reward_model/eval_pairs"] = len(eval_pairs)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch) / "model"
-        save_pretrained(engine.module, tokenizer, section.zero_stage, rank, target)
-        checkpoint = Checkpoint.from_directory(str(target)) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+    save_and_report(worker, metrics)
 
 
 def preference_pairs(config: RelayConfig, model_path: str) -> list[PreferencePair]:
@@ -138,8 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_command_line("Bradley–Terry reward model on Ray Train + DeepSpeed.", argv)
     if config.reward_model_training is None:
         sys.exit("the config has no reward_model_training section; nothing to train")
-    from jobs.ppo import connect_ray, prepare_base_model
-
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(config)

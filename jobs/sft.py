@@ -13,38 +13,26 @@ from __future__ import annotations
 import itertools
 import random
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import ray
-import ray.train
-from ray.train import Checkpoint, Result, RunConfig, ScalingConfig
 from ray.experimental import tqdm_ray
-from ray.train.torch import TorchTrainer
 
-from relay.config import ConfigError, RelayConfig, Resources, WarmStartSection, config_from_command_line
+from jobs.common import connect_ray, fit_on_ray_train, prepare_base_model, save_and_report, start_train_worker
+from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
 from relay.data import IGNORE_INDEX, collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
 from relay.tasks import get_task, split_examples
-from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     section = WarmStartSection.model_validate(loop_config["section"])
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    init_distributed()
-
-    tokenizer = load_tokenizer(loop_config["model_path"])
-    per_rank = max(1, section.batch_size // world_size)
-    ds_config = deepspeed_config(
-        zero_stage=section.zero_stage, offload=False, dtype=loop_config["dtype"], micro_batch_size=per_rank,
-        gradient_accumulation_steps=1, world_size=world_size, max_grad_norm=1.0,
-    )
-    model = load_for_training(loop_config["model_path"], "causal_lm", ds_config, loop_config["dtype"])
-    engine = init_engine(model, ds_config, section.learning_rate, weight_decay=0.0)
-    engine.train()
+    worker = start_train_worker(loop_config["model_path"], "causal_lm", zero_stage=section.zero_stage,
+                                dtype=loop_config["dtype"], batch_size=section.batch_size,
+                                learning_rate=section.learning_rate)
+    rank, world_size, per_rank = worker.rank, worker.world_size, worker.per_rank_batch_size
+    tokenizer, engine = worker.tokenizer, worker.engine
 
     if loop_config["examples"] is not None:
         # User data, tokenized once on the driver: every rank walks the same shuffled order, one global batch
@@ -85,11 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if progress is not None:
         progress.close()
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch) / "model"
-        save_pretrained(engine.module, tokenizer, section.zero_stage, rank, target)
-        checkpoint = Checkpoint.from_directory(str(target)) if rank == 0 else None
-        ray.train.report({"loss": loss_value, "step": section.steps}, checkpoint=checkpoint)
+    save_and_report(worker, {"loss": loss_value, "step": section.steps})
 
 
 def shuffled_forever(count: int, seed: int) -> Iterator[int]:
@@ -145,31 +129,10 @@ def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
     return result.checkpoint.path
 
 
-def fit_on_ray_train(name: str, loop: Callable[[dict[str, Any]], None], config: RelayConfig, resources: Resources,
-                     run_dir: Path, loop_config: dict[str, Any]) -> Result:
-    """Run `loop` on `resources.world_size` Ray Train workers; the result always carries a checkpoint."""
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=resources.world_size,
-            use_gpu=config.device == "cuda",
-            resources_per_worker={"CPU": resources.cpus_per_rank},
-        ),
-        run_config=RunConfig(name=name, storage_path=str(run_dir.resolve() / "ray_train")),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name} finished without a checkpoint (error: {result.error})")
-    return result
-
-
 def main(argv: list[str] | None = None) -> None:
     config = config_from_command_line("Supervised warm start on Ray Train + DeepSpeed.", argv)
     if config.warm_start is None:
         sys.exit("the config has no warm_start section; nothing to train")
-    from jobs.ppo import connect_ray, prepare_base_model
-
     run_dir = Path(config.run.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(config)

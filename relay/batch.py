@@ -8,7 +8,7 @@ Position ids count real tokens only, which is what vLLM saw when it generated th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -33,7 +33,6 @@ class RolloutBatch:
     sequence_rewards: Tensor | None = None  # [B] reward of each whole response
     advantages: Tensor | None = None  # [B, Lr]
     returns: Tensor | None = None  # [B, Lr]
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]

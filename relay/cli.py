@@ -6,7 +6,8 @@
     relay sft --config FILE [overrides]           the supervised warm start alone
     relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
     relay submit FILE [--address URL] [overrides] PPO as a Ray job on a cluster; prints the job id
-    relay status|logs|stop JOB_ID [--address URL] follow a submitted job
+    relay status|logs|stop JOB_ID [--address URL] follow a submitted job (stop --finish: end it cleanly after
+                                                  the current iteration, with final eval, checkpoint, summary)
     relay scale JOB_ID --rollout-workers N        grow or shrink the run's vLLM fleet at the next iteration
 
 The cluster commands use the Ray Job Submission API at --address (default: RAY_ADDRESS, else
@@ -50,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--address")
         if name == "logs":
             command.add_argument("--follow", "-f", action="store_true")
+        if name == "stop":
+            command.add_argument("--finish", action="store_true",
+                                 help="end the run after its current iteration, with a final evaluation, checkpoint "
+                                      "and summary, instead of stopping the job at once")
     scale = commands.add_parser("scale", help="change the number of rollout workers of a running job")
     scale.add_argument("job_id")
     scale.add_argument("--rollout-workers", type=int, required=True)
@@ -96,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(cluster.status(args.job_id, args.address), indent=2))
     elif args.command == "logs":
         cluster.follow_logs(args.job_id, args.address, args.follow)
+    elif args.command == "stop" and args.finish:
+        try:
+            print(cluster.control_call(args.job_id, "request_finish", (), args.address))
+        except LookupError as error:
+            sys.exit(str(error))
     elif args.command == "stop":
         print(f"stop requested: {cluster.job_client(args.address).stop_job(args.job_id)}")
     elif args.command == "scale":

@@ -19,7 +19,7 @@ from typing import Any
 # Before anything imports Ray: Ray reads the authentication mode once, when it loads its configuration.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from actors.control import CONTROL_NAMESPACE, control_actor_name  # noqa: E402
+from relay.naming import CONTROL_NAMESPACE, control_actor_name  # noqa: E402
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 AGENT_WAIT_S = 60

@@ -28,8 +28,9 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     logits [B, L, V], labels [B, L] (long) -> log p(labels) [B, L], float32.
     """
     rows = []
-    # Row by row, so only one row of logits is up-cast to float32 at a time: a full
-    # [B, L, V] float32 copy of bf16 logits is often the largest tensor in the step.
+    # Row by row: when scoring (no autograd), only one row of logits is up-cast to float32 at
+    # a time, and a full [B, L, V] float32 copy of bf16 logits is often the largest tensor of a
+    # step. In training, autograd keeps every row's float32 copy for the backward all the same.
     for row_logits, row_labels in zip(logits, labels):
         row_logits = row_logits.float()
         picked = row_logits.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1)
@@ -43,7 +44,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     logits [B, L, V] -> entropy [B, L], float32 (nats).
     """
     rows = []
-    # Row by row for the same memory reason as token_logprobs.
+    # Row by row, as token_logprobs, for the same memory reason.
     for row_logits in logits:
         logp = torch.log_softmax(row_logits.float(), dim=-1)
         rows.append(-(logp.exp() * logp).sum(dim=-1))

@@ -94,7 +94,7 @@ class RemoteReward:
         {"rewards": [float, ...]}                                                      # [b], in request order
 
     Metadata must be JSON-serializable. Connection errors, timeouts (`timeout_s` for connecting and again for the
-    answer) and 5xx answers are retried after `backoff_s`, then twice that, and so on, for `max_retries` attempts
+    answer) and 5xx answers are retried after `backoff_s`, then twice that, and so on, for `max_attempts` attempts
     in all (1: no retry). A 4xx answer is the request's fault and fails at once, as does an answer that does not
     follow the protocol. Every failure raises RemoteRewardError naming the URL.
     """
@@ -103,7 +103,7 @@ class RemoteReward:
         self,
         url: str,
         timeout_s: float = 30.0,
-        max_retries: int = 3,
+        max_attempts: int = 3,
         backoff_s: float = 1.0,
         batch_size: int | None = None,
     ) -> None:
@@ -112,15 +112,15 @@ class RemoteReward:
             raise ValueError(f"reward endpoint {url!r} is not an http:// or https:// URL")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if max_retries < 1:
-            raise ValueError(f"max_retries counts attempts in all and must be >= 1, got {max_retries}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts counts attempts in all and must be >= 1, got {max_attempts}")
         if backoff_s < 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.url = url
         self.timeout_s = timeout_s
-        self.max_retries = max_retries
+        self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.batch_size = batch_size
 
@@ -140,7 +140,7 @@ class RemoteReward:
         except TypeError as error:
             raise ValueError(f"metadata for reward endpoint {self.url} is not JSON-serializable ({error})") from None
         last_error = ""
-        for attempt in range(self.max_retries):
+        for attempt in range(self.max_attempts):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
@@ -165,7 +165,7 @@ class RemoteReward:
                 )
             return self._rewards_from(answer, len(responses))
         raise RemoteRewardError(
-            f"reward endpoint {self.url} did not answer after {self.max_retries} attempts (last error: {last_error})"
+            f"reward endpoint {self.url} did not answer after {self.max_attempts} attempts (last error: {last_error})"
         )
 
     def _rewards_from(self, answer: requests.Response, count: int) -> list[float]:

@@ -1,4 +1,8 @@
-"""Shared fixtures: one local Ray instance for the whole session and one tiny model built on disk."""
+"""Shared fixtures: a local Ray instance per test module and one tiny model built on disk.
+
+Two tiers, split by one marker: `pytest -m "not slow"` (make test-fast) runs the math, config, data, batch, CLI
+and manifest tests with no Ray, vLLM or DeepSpeed start; `make test` runs everything. A test that asks for a Ray
+instance must be marked slow, which collection checks."""
 
 from __future__ import annotations
 
@@ -36,6 +40,13 @@ def tiny_run_config(output_dir: Path, *overrides: str) -> RelayConfig:
             *overrides,
         ],
     )
+
+
+def pytest_collection_modifyitems(items):
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests that start Ray must be marked slow (the fast tier runs without it): {unmarked}")
 
 
 # Module scope: a local instance must not outlive its module, or its dashboard agent would still hold the default

@@ -77,3 +77,13 @@ def ray_head(
             os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=90)
         log.close()
+
+
+def running_job_status(job_id: str, address: str) -> dict[str, Any] | None:
+    """The run's own report (`relay status`) while its job runs; None until the driver's control actor is up.
+    Fails with the job's log as soon as the job has ended: the callers expect it to be still running."""
+    report = cluster.status(job_id, address)
+    if report["status"] in ("FAILED", "STOPPED", "SUCCEEDED"):
+        raise AssertionError(f"job {job_id} ended ({report['status']}):\n"
+                             f"{cluster.job_client(address).get_job_logs(job_id)[-3000:]}")
+    return report["run"] if isinstance(report.get("run"), dict) else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import ray
 import torch
@@ -16,6 +18,7 @@ from jobs.ppo import PPOTrainer
 from relay import ppo
 from relay.data import tokenize_prompt
 from relay.models import load_tokenizer
+from relay.placement import role_placement
 from tests.conftest import tiny_run_config
 
 pytestmark = pytest.mark.slow
@@ -32,7 +35,7 @@ def setup(ray_session, tiny_model, tmp_path_factory):
         "policy.learning_rate=0.01",
     )
     fleet = RolloutFleet(config, str(tiny_model))
-    policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=False, namespace=config.actor_namespace,
+    policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=config.actor_namespace,
                         role="policy", config=config, model_path=str(tiny_model))
     yield config, fleet, policy
     fleet.shutdown()
@@ -61,6 +64,20 @@ def test_fleet_splits_prompts_and_returns_each_once_in_order(setup, tiny_model):
     assert all(len(s.logprobs) == len(s.token_ids) > 0 for samples in sampled for s in samples)
 
 
+def greedy_hf(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy decoding of each prompt, as vLLM's rollout settings bound it (8 new tokens)."""
+    outputs = []
+    for prompt in prompts:
+        generated = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        outputs.append(generated[0, len(prompt):].tolist())
+    return outputs
+
+
+def greedy_vllm(worker, prompts: list[list[int]]) -> list[list[int]]:
+    return [samples[0].token_ids for samples in ray.get(worker.generate.remote(prompts, 1, 0.0, 0))]
+
+
 def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model):
     config, fleet, policy = setup
     full_count = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_model)).parameters())
@@ -69,11 +86,13 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
     assert sum(shard_counts) >= full_count
 
     trainer, batch = make_batch(config, fleet, tiny_model)
+    tokenizer = trainer.tokenizer
+    prompts = [tokenize_prompt(tokenizer, text) for text in ("31415=", "2718=", "16180339=", "4669=", "112358=")]
+    greedy_before = [greedy_vllm(worker, prompts) for worker in fleet.workers]
+
     old = torch.cat(ray.get(policy.call("score", ray.put(batch))))
     mask = batch.response_mask
     advantages = ppo.masked_whiten(torch.randn(mask.shape), mask)
-    from dataclasses import replace
-
     train_ref = ray.put(replace(batch, old_logprobs=old, advantages=advantages))
     stats = policy.run("train", train_ref, 1)
     assert all(torch.isfinite(torch.tensor(list(rank.values()))).all() for rank in stats)
@@ -82,29 +101,28 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
     fleet.load_weights(refs[0], policy_version=1)
     state, *others = ray.get(refs)
     assert others == [None]
-    before = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
-    assert any(not torch.equal(state[name], before[name]) for name in state)  # training changed the weights
+    start = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    assert any(not torch.equal(state[name], start.state_dict()[name]) for name in state)  # training changed the weights
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
-    model.load_state_dict(state, strict=True)
-    prompt = tokenize_prompt(trainer.tokenizer, "31415=")
-    expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
-                              eos_token_id=trainer.tokenizer.eos_token_id, pad_token_id=trainer.tokenizer.pad_token_id)
-    expected_tokens = expected[0, len(prompt):].tolist()
-    for worker in fleet.workers:
-        [[greedy]] = ray.get(worker.generate.remote([prompt], 1, 0.0, 0))
-        assert greedy.token_ids == expected_tokens[: len(greedy.token_ids)]
-        assert len(greedy.token_ids) == len(expected_tokens) or greedy.token_ids[-1] == trainer.tokenizer.eos_token_id
+    trained = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    trained.load_state_dict(state, strict=True)
+    expected = greedy_hf(trained, tokenizer, prompts)
+    # The update is large enough to change what greedy decoding says, so a sync that loaded nothing would fail below.
+    assert expected != greedy_hf(start, tokenizer, prompts)
+    for worker, before in zip(fleet.workers, greedy_before):
+        assert greedy_vllm(worker, prompts) == expected
+        assert before != expected
 
 
 def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, tiny_model, tmp_path):
     config = tiny_run_config(tmp_path)
     fleet = RolloutFleet(config, str(tiny_model))
-    reference = ActorGroup(Reference, "reference", config.reference.resources, use_gpu=False, namespace=config.actor_namespace,
+    namespace = config.actor_namespace
+    reference = ActorGroup(Reference, "reference", role_placement(config, "reference"), namespace=namespace,
                            config=config, model_path=str(tiny_model))
-    critic = ActorGroup(Learner, "critic-learner", config.critic.resources, use_gpu=False, namespace=config.actor_namespace,
+    critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"), namespace=namespace,
                         role="critic", config=config, model_path=str(tiny_model))
-    reward = ActorGroup(RewardScorer, "reward", config.reward.resources, use_gpu=False, namespace=config.actor_namespace, config=config)
+    reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace, config=config)
     try:
         trainer, batch = make_batch(config, fleet, tiny_model)
         batch_ref = ray.put(batch)
@@ -121,21 +139,19 @@ def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, ti
 
 def test_reference_colocated_with_policy_runs_in_the_policy_bundles(ray_session, tiny_model, tmp_path):
     config = tiny_run_config(tmp_path, "policy.resources.cpu_ranks_per_node=2", "reference.colocate_with_policy=true")
-    trainer = PPOTrainer(config)
-    trainer.policy = ActorGroup(Learner, "policy-learner", config.policy.resources, use_gpu=False,
-                                namespace=config.actor_namespace, colocated_cpus_per_rank=0.2,
-                                role="policy", config=config, model_path=str(tiny_model))
-    reference = ActorGroup(Reference, "reference", **trainer.placement_of(config.reference), use_gpu=False,
-                           namespace=config.actor_namespace, config=config, model_path=str(tiny_model))
+    policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=config.actor_namespace,
+                        role="policy", config=config, model_path=str(tiny_model))
+    reference = ActorGroup(Reference, "reference", role_placement(config, "reference"), namespace=config.actor_namespace,
+                           share_placement_group=policy.placement_group, config=config, model_path=str(tiny_model))
     try:
         reference.wait_ready()
         assert reference.world_size == 2
         def placement_of(actor) -> str:
             return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_placement_group_id()))
 
-        policy_group = trainer.policy.placement_group.id.hex()
+        policy_group = policy.placement_group.id.hex()
         assert [placement_of(actor) for actor in reference.actors] == [policy_group, policy_group]
-        assert placement_of(trainer.policy.actors[0]) == policy_group
+        assert placement_of(policy.actors[0]) == policy_group
     finally:
         reference.shutdown()
-        trainer.policy.shutdown()
+        policy.shutdown()

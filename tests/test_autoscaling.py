@@ -4,13 +4,14 @@ rollout worker runs on it, and scaling down lets the node go."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 
 from relay import cluster
 from relay.cli import main as relay_main
 from tests.conftest import DEMO_CONFIG
-from tests.live_ray import ray_head, wait_for
+from tests.live_ray import ray_head, running_job_status, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_scale_beyond_capacity_adds_a_node_and_scale_down_releases_it(tmp_path, 
         [head] = wait_for(alive_nodes, 30, "the head node in the state API")
         relay_main([
             "submit", str(DEMO_CONFIG), "--address", address, f"run.output_dir={tmp_path / 'run'}",
-            "run.name=autoscaled", "run.iterations=300", "run.eval_every=0", "run.checkpoint_every=0",
+            "run.name=autoscaled", "run.iterations=1000000", "run.eval_every=0", "run.checkpoint_every=0",
             "warm_start=null", "data.train_prompts=256", "data.prompts_per_iteration=8", "data.eval_prompts=8",
             "data.eval_samples_per_prompt=1", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=8",
             "policy.micro_batch_size=4", "critic.micro_batch_size=4", "ppo.mini_batches=1",
@@ -56,11 +57,7 @@ def test_scale_beyond_capacity_adds_a_node_and_scale_down_releases_it(tmp_path, 
         ])
         job_id = capsys.readouterr().out.strip().splitlines()[-1]
         client = cluster.job_client(address)
-
-        def run_status():
-            report = cluster.status(job_id, address)
-            assert report["status"] not in ("FAILED", "STOPPED", "SUCCEEDED"), client.get_job_logs(job_id)[-3000:]
-            return report["run"] if isinstance(report.get("run"), dict) else None
+        run_status = partial(running_job_status, job_id, address)
 
         wait_for(lambda: (s := run_status()) and s.get("iteration", 0) >= 1, 300, "the first iteration", 3)
         relay_main(["scale", job_id, "--rollout-workers", "2", "--address", address])
@@ -74,6 +71,6 @@ def test_scale_beyond_capacity_adds_a_node_and_scale_down_releases_it(tmp_path, 
         relay_main(["scale", job_id, "--rollout-workers", "1", "--address", address])
         wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1, 120, "the scale-down", 3)
         wait_for(lambda: len(alive_nodes()) == 1, 120, "the idle node to be removed", 2)
-        assert run_status()["iteration"] < 300  # the node went while the run was still going
+        run_status()  # the node went while the run was still going (it is never near its last iteration)
         relay_main(["stop", job_id, "--address", address])
         wait_for(lambda: client.get_job_status(job_id) in ("STOPPED", "FAILED", "SUCCEEDED"), 60, "the job to stop")

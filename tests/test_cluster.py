@@ -1,11 +1,12 @@
 """Against a live local Ray cluster (`ray start --head`, started and stopped here): submit a job through the Jobs
-API with token authentication, read its log, scale its rollout fleet 1 → 2 → 1 while it runs, and find relay's
-metrics on Ray's metrics export port."""
+API with token authentication, read its log, scale its rollout fleet 1 → 2 → 1 while it runs, find relay's
+metrics on Ray's metrics export port, and end the run cleanly with `relay stop --finish`."""
 
 from __future__ import annotations
 
 import json
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from relay.cli import main as relay_main
 from relay.config import ConfigError
 from relay.metrics import read_metrics
 from tests.conftest import DEMO_CONFIG
-from tests.live_ray import ray_head, wait_for
+from tests.live_ray import ray_head, running_job_status, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -41,8 +42,8 @@ def test_job_api_refuses_requests_without_the_token(live_cluster):
 
 def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
     address, ports = live_cluster
-    # Long enough (about 0.6 s each) to outlast a new vLLM engine's start-up and two scaling requests.
-    prompts, samples, iterations = 8, 2, 250
+    # More iterations than the test ever waits for: it ends the run itself with `relay stop --finish`.
+    prompts, samples, iterations = 8, 2, 1_000_000
     overrides = [
         f"run.output_dir={tmp_path}", "run.name=scaled", f"run.iterations={iterations}", "run.eval_every=0",
         "run.checkpoint_every=0", "warm_start=null", "data.train_prompts=256", f"data.prompts_per_iteration={prompts}",
@@ -53,11 +54,7 @@ def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
                 *overrides])
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     client = cluster.job_client(address)
-
-    def run_status():
-        report = cluster.status(job_id, address)
-        assert report["status"] not in ("FAILED", "STOPPED"), client.get_job_logs(job_id)[-3000:]
-        return report["run"] if isinstance(report.get("run"), dict) else None
+    run_status = partial(running_job_status, job_id, address)
 
     wait_for(lambda: (s := run_status()) and s.get("iteration", 0) >= 2, 300, "the run's second iteration", 3)
 
@@ -77,21 +74,26 @@ def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
     assert "ray_vllm" in text
 
     relay_main(["scale", job_id, "--rollout-workers", "1", "--address", address])
-    wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1, 120, "the scale-down", 3)
-
-    wait_for(lambda: client.get_job_status(job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 600, "the job to end", 3)
+    shrunk = wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1 and s, 120,
+                      "the scale-down", 3)
+    # Trained on with one worker again after the scale-down, then ended cleanly at an iteration boundary.
+    wait_for(lambda: (s := run_status()) and s["iteration"] > shrunk["iteration"], 120, "an iteration after the scale-down", 3)
+    relay_main(["stop", job_id, "--finish", "--address", address])
+    wait_for(lambda: client.get_job_status(job_id) in ("SUCCEEDED", "FAILED", "STOPPED"), 300, "the job to end", 3)
     relay_main(["logs", job_id, "--address", address])
     logs = capsys.readouterr().out
     assert client.get_job_status(job_id) == "SUCCEEDED", logs[-3000:]
-    assert f"iteration {iterations}/{iterations} | reward" in logs
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    last = summary["iterations"]
+    assert f"iteration {last}/{iterations} | reward" in logs
 
     rows = [row for row in read_metrics(tmp_path / "metrics.jsonl") if "reward/mean" in row]
-    assert [row["iteration"] for row in rows] == list(range(1, iterations + 1))
+    assert [row["iteration"] for row in rows] == list(range(1, last + 1))
     # Every batch was generated and trained on: samples grow by one full batch per iteration, versions by one.
-    assert [row["perf/samples"] for row in rows] == [prompts * samples * i for i in range(1, iterations + 1)]
-    assert [row["policy/version"] for row in rows] == list(range(1, iterations + 1))
+    assert [row["perf/samples"] for row in rows] == [prompts * samples * i for i in range(1, last + 1)]
+    assert [row["policy/version"] for row in rows] == list(range(1, last + 1))
     fleet_sizes = [int(row["rollout/workers_active"]) for row in rows]
     first_two = fleet_sizes.index(2)
     assert fleet_sizes[0] == 1 and 1 in fleet_sizes[first_two:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["samples"] == prompts * samples * iterations
+    assert summary["samples"] == prompts * samples * last
+    assert "eval/score" in rows[-1] and (tmp_path / "checkpoints" / f"iter_{last:06d}" / "policy").is_dir()

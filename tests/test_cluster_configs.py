@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from relay.config import RelayConfig, load_config
+from relay.placement import run_placement_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CLUSTER = ROOT / "cluster" / "ray-cluster.yaml"
@@ -29,32 +30,6 @@ RAY_START_COMMANDS = ("head_start_ray_commands", "worker_start_ray_commands")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def placement_groups(config: RelayConfig) -> list[tuple[str, list[dict[str, float]]]]:
-    """What a relay run asks Ray for, as (strategy, bundles): the same shapes as actors/rollout.py (one
-    STRICT_PACK group per vLLM engine: the first bundle holds the engine's CPUs) and actors/group.py (one PACK
-    group per learner or scorer role, one bundle per rank)."""
-    gpu = 1 if config.device == "cuda" else 0
-    rollout = config.rollout
-    groups = [
-        ("STRICT_PACK", [{"CPU": rollout.cpus_per_worker, "GPU": gpu}]
-         + [{"CPU": 0, "GPU": gpu}] * (rollout.tensor_parallel_size - 1))
-        for _ in range(rollout.num_workers)
-    ]
-    # Colocated scorers live in the policy's bundles (extra CPUs, a share of the same GPU); CPU rewards hold no GPU.
-    colocated = [s for s in (config.reference, config.reward) if s.colocate_with_policy]
-    policy = config.policy.resources
-    policy_cpus = policy.cpus_per_rank + sum(s.resources.cpus_per_rank for s in colocated)
-    groups.append(("PACK", [{"CPU": policy_cpus, "GPU": gpu}] * policy.world_size))
-    groups.append(("PACK", [{"CPU": config.critic.resources.cpus_per_rank, "GPU": gpu}] * config.critic.resources.world_size))
-    for section in (config.reference, config.reward):
-        if section.colocate_with_policy:
-            continue
-        section_gpu = gpu if section is config.reference or config.reward.uses_gpu_model else 0
-        resources = section.resources
-        groups.append(("PACK", [{"CPU": resources.cpus_per_rank, "GPU": section_gpu}] * resources.world_size))
-    return groups
-
-
 def nodes_needed(config: RelayConfig, node: dict[str, float]) -> int:
     """Nodes of shape `node` that hold every placement group of `config`: first fit, largest group first (an
     upper bound on the optimum, so `nodes_needed <= max_workers` means the run fits)."""
@@ -67,7 +42,7 @@ def nodes_needed(config: RelayConfig, node: dict[str, float]) -> int:
         for key in ("CPU", "GPU"):
             room[key] -= sum(b.get(key, 0) for b in bundles)
 
-    groups = sorted(placement_groups(config), key=lambda g: -sum(b["GPU"] for b in g[1]))
+    groups = sorted(run_placement_groups(config), key=lambda g: -sum(b.get("GPU", 0) for b in g[1]))
     for strategy, bundles in groups:
         units = [bundles] if strategy == "STRICT_PACK" else [[b] for b in bundles]
         for unit in units:
@@ -88,7 +63,7 @@ def node_gpus(config: RelayConfig) -> int:
                 if section.resources.num_nodes > 1]
     if spanning:
         return max(spanning)
-    return sum(bundle["GPU"] for _, bundles in placement_groups(config) for bundle in bundles)
+    return sum(bundle.get("GPU", 0) for _, bundles in run_placement_groups(config) for bundle in bundles)
 
 
 def pyproject_requirements() -> dict[str, Requirement]:

@@ -1,0 +1,110 @@
+"""What the three jobs (ppo, sft, reward_model) share: joining Ray, the base model, and the Ray Train worker set-up
+and final save that the warm start and the reward model run alike. Imports flow one way: the jobs import this
+module, never each other's internals, and this module imports no job."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import ray
+import ray.train
+from ray.train import Checkpoint, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from relay.config import Dtype, RelayConfig, Resources
+from relay.models import ModelKind, build_tiny_model, load_tokenizer
+from relay.tasks import get_task
+from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
+
+
+def connect_ray(config: RelayConfig) -> None:
+    """Join the job's cluster (Ray Jobs sets RAY_ADDRESS) or config.ray.address; otherwise start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=config.ray.namespace)
+    else:
+        # "local": a private instance, never a stale cluster left behind by an earlier `ray start`.
+        ray.init(address="local", num_cpus=config.ray.local_num_cpus, namespace=config.ray.namespace)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Local paths made absolute (actors run in other working directories); Hub names left as they are."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
+
+
+def prepare_base_model(config: RelayConfig, run_dir: Path) -> str:
+    """The policy's starting weights: config.policy.model, or a tiny model built once into the run directory."""
+    if config.tiny_model is None:
+        assert config.policy.model is not None
+        return resolve_model_path(config.policy.model)
+    path = run_dir.resolve() / "base"
+    if not path.exists():
+        build_tiny_model(config.tiny_model, get_task(config.data.task).alphabet, path, config.run.seed)
+    return str(path)
+
+
+def fit_on_ray_train(name: str, loop: Callable[[dict[str, Any]], None], config: RelayConfig, resources: Resources,
+                     run_dir: Path, loop_config: dict[str, Any]) -> Result:
+    """Run `loop` on `resources.world_size` Ray Train workers; the result always carries a checkpoint."""
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.world_size,
+            use_gpu=config.device == "cuda",
+            resources_per_worker={"CPU": resources.cpus_per_rank},
+        ),
+        run_config=RunConfig(name=name, storage_path=str(run_dir.resolve() / "ray_train")),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name} finished without a checkpoint (error: {result.error})")
+    return result
+
+
+@dataclass
+class TrainWorker:
+    """One Ray Train worker's DeepSpeed engine, with what its loop needs to know about its place in the group."""
+
+    rank: int
+    world_size: int
+    per_rank_batch_size: int  # this rank's share of the global batch
+    zero_stage: int
+    tokenizer: Any
+    engine: deepspeed.DeepSpeedEngine
+
+
+def start_train_worker(model_path: str, kind: ModelKind, *, zero_stage: int, dtype: Dtype, batch_size: int,
+                       learning_rate: float) -> TrainWorker:
+    """Inside a Ray Train loop: join the process group and build the DeepSpeed engine for one global batch of
+    `batch_size` rows per optimizer step, split evenly over the workers."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    init_distributed()
+    tokenizer = load_tokenizer(model_path)
+    per_rank = max(1, batch_size // world_size)
+    ds_config = deepspeed_config(
+        zero_stage=zero_stage, offload=False, dtype=dtype, micro_batch_size=per_rank,
+        gradient_accumulation_steps=1, world_size=world_size, max_grad_norm=1.0,
+    )
+    model = load_for_training(model_path, kind, ds_config, dtype, tokenizer.pad_token_id)
+    engine = init_engine(model, ds_config, learning_rate, weight_decay=0.0)
+    engine.train()
+    return TrainWorker(rank, world_size, per_rank, zero_stage, tokenizer, engine)
+
+
+def save_and_report(worker: TrainWorker, metrics: dict[str, Any]) -> None:
+    """The loop's last act on every worker: the model in Hugging Face format (gathered, written by rank 0) as the
+    run's checkpoint, with the final metrics. Every rank must call it (ZeRO-3 gathers from all)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(scratch) / "model"
+        save_pretrained(worker.engine.module, worker.tokenizer, worker.zero_stage, worker.rank, target)
+        checkpoint = Checkpoint.from_directory(str(target)) if worker.rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,49 @@
+"""The import layering the code relies on: the core library `relay/` knows no Ray role or job (only the CLI
+dispatches to them), and the three jobs import shared code from jobs/common.py, never from each other."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-local imports included)."""
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+def test_core_imports_no_actor_and_no_job():
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] in ("actors", "jobs"))
+        for path in (ROOT / "relay").rglob("*.py")
+        if path.name != "cli.py"
+    }
+    assert {path: modules for path, modules in offenders.items() if modules} == {}
+
+
+def test_jobs_share_code_through_common_only():
+    allowed = {"jobs.ppo": {"jobs.common", "jobs.sft", "jobs.reward_model"}}
+    for path in (ROOT / "jobs").glob("*.py"):
+        name = f"jobs.{path.stem}"
+        uses = {m for m in imported_modules(path) if m.startswith("jobs.")}
+        assert uses <= allowed.get(name, {"jobs.common"}), f"{name} imports {sorted(uses)}"
+    assert not {m for m in imported_modules(ROOT / "jobs" / "common.py") if m.startswith("jobs")}
+
+
+def test_every_import_of_the_jobs_is_at_the_top_of_the_file():
+    for path in [*(ROOT / "jobs").glob("*.py"), *(ROOT / "actors").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
+        nested = [node.lineno for node in ast.walk(tree)
+                  if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top_level
+                  and any((node.module or "").startswith(prefix) or any(a.name.startswith(prefix) for a in node.names)
+                          for prefix in ("jobs", "actors", "relay"))]
+        assert nested == [], f"{path.relative_to(ROOT)}: function-local imports of relay code at lines {nested}"

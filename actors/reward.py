@@ -8,20 +8,8 @@ import torch
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
 from relay.models import load_model, load_tokenizer, score_in_micro_batches, sequence_scores
-from relay.rewards import FunctionReward, RemoteReward, RewardSource
-from relay.tasks import get_task, load_object
-
-
-def reward_source(config: RelayConfig) -> RewardSource:
-    """`reward.function` or the task's own reward (type function), or the endpoint at `reward.url` (type remote)."""
-    section = config.reward
-    if section.type == "remote":
-        assert section.url is not None
-        return RemoteReward(section.url, timeout_s=section.timeout_s, max_attempts=section.max_attempts,
-                            batch_size=section.request_batch_size)
-    if section.function:
-        return FunctionReward(load_object(section.function, "reward.function"), name=section.function)
-    return FunctionReward(get_task(config.data.task).reward, name=f"task {config.data.task}")
+from relay.rewards import build_reward_source
+from relay.tasks import task_of
 
 
 class RewardScorer:
@@ -37,7 +25,7 @@ class RewardScorer:
             self.model = load_model(model_path, "reward", self.section.dtype, tokenizer.pad_token_id)
             self.model = self.model.to(self.device).eval().requires_grad_(False)
         else:
-            self.source = reward_source(config)
+            self.source = build_reward_source(self.section, task_of(config), config.data.task)
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Sequence rewards [b] of this rank's shard."""

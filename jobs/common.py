@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from relay.config import Dtype, RelayConfig, Resources
 from relay.models import ModelKind, build_tiny_model, load_tokenizer
-from relay.tasks import get_task
+from relay.prompts import data_alphabet
 from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
 
 
@@ -46,7 +46,7 @@ def prepare_base_model(config: RelayConfig, run_dir: Path) -> str:
         return resolve_model_path(config.policy.model)
     path = run_dir.resolve() / "base"
     if not path.exists():
-        build_tiny_model(config.tiny_model, get_task(config.data.task).alphabet, path, config.run.seed)
+        build_tiny_model(config.tiny_model, data_alphabet(config), path, config.run.seed)
     return str(path)
 
 

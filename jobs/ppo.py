@@ -23,6 +23,7 @@ from typing import Iterator
 import ray
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from actors.control import RunControl
 from actors.group import ActorGroup
@@ -36,13 +37,13 @@ from jobs.sft import run_warm_start
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right
 from relay.config import RelayConfig, config_from_command_line, dump_config
-from relay.data import tokenize_prompt
 from relay.metrics import MetricsLogger, plot_reward_curve
-from relay.models import load_tokenizer
+from relay.models import build_tokenizer, load_tokenizer
 from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
 from relay.placement import role_placement
-from relay.rewards import RewardNormalizer
-from relay.tasks import Example, get_task, split_examples
+from relay.prompts import Prompt, data_alphabet, load_prompt_data, max_prompt_tokens
+from relay.rewards import FunctionReward, RewardNormalizer, RewardSource, build_reward_source
+from relay.tasks import task_of
 
 EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
 
@@ -76,10 +77,20 @@ class PPOTrainer:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.run_dir = Path(config.run.output_dir).resolve()
-        self.task = get_task(config.data.task)
-        self.train_examples, self.eval_examples = split_examples(
-            self.task, config.data.train_prompts, config.data.eval_prompts, config.data.seed
-        )
+        # Tokenizer and prompts first, before Ray starts: a bad row or a missing file fails here, naming it.
+        self.tokenizer = initial_tokenizer(config)
+        self.data = load_prompt_data(config, self.tokenizer)
+        counts = self.data.counts
+        if counts.dropped or counts.truncated:
+            print(f"data: {counts.dropped} prompts dropped and {counts.truncated} truncated, being longer than "
+                  f"{max_prompt_tokens(config)} tokens (rollout.max_model_len - rollout.max_new_tokens)", flush=True)
+        self.eval_scorer, self.eval_metric = eval_scorer(config)
+        if config.reward.type == "rules":
+            columns = self.data.eval[0].metadata
+            for rule in config.reward.rules:
+                if rule.column is not None and rule.column not in columns:
+                    raise ValueError(f"reward.rules: no column {rule.column!r} in {self.data.source} (its columns "
+                                     f"besides the prompt: {', '.join(sorted(columns)) or 'none'})")
         self.state = DriverState(kl_coef=config.ppo.kl_coef)
         self.reward_normalizer = RewardNormalizer(normalize=config.reward.normalize, clip=config.reward.clip)
         self.kl_controller: ppo.AdaptiveKLController | ppo.FixedKLController = (
@@ -99,6 +110,9 @@ class PPOTrainer:
         self.place_roles(policy_path, critic_path)
         if checkpoint is not None:
             ray.get(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)))
+        else:  # after placement: a reward model scores through its actors
+            self.state.eval_score_before = self.evaluate()
+            self.state.eval_points = [] if self.state.eval_score_before is None else [(0, self.state.eval_score_before)]
         self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name)
         self.control = ray.remote(RunControl).options(
             name=control_actor_name(current_run_id(self.config.run.name)), namespace=CONTROL_NAMESPACE,
@@ -123,7 +137,6 @@ class PPOTrainer:
         if self.state.reward_stats:
             self.reward_normalizer.load_state_dict(self.state.reward_stats)
         policy_path = str(checkpoint / "policy")
-        self.tokenizer = load_tokenizer(policy_path)
         self.fleet = RolloutFleet(self.config, policy_path)
         print(f"resuming from {checkpoint} (iteration {self.state.iteration})", flush=True)
         return policy_path, str(checkpoint / "critic")
@@ -133,7 +146,6 @@ class PPOTrainer:
         Returns the policy and critic weights to start the learners from."""
         config = self.config
         base_path = prepare_base_model(config, self.run_dir)
-        self.tokenizer = load_tokenizer(base_path)
         self.fleet = RolloutFleet(config, base_path)
         self.state.eval_score_base = self.evaluate()
         policy_path = base_path
@@ -142,8 +154,6 @@ class PPOTrainer:
             self.fleet.load_weights_from(policy_path, policy_version=0)
         self.state.reward_model = self.prepare_reward_model(policy_path)
         self.state.reference_model = resolve_model_path(config.reference.model or policy_path)
-        self.state.eval_score_before = self.evaluate()
-        self.state.eval_points = [(0, self.state.eval_score_before)]
         critic_path = resolve_model_path(config.critic.model or self.state.reward_model or policy_path)
         return policy_path, critic_path
 
@@ -222,7 +232,11 @@ class PPOTrainer:
         self.kl_controller.update(kl_per_sequence, len(batch))
         self.state.samples += len(batch)
         response_tokens = mask.sum().item()
+        counts = self.data.counts
         metrics |= {
+            "data/prompts_dropped": float(counts.dropped),
+            "data/prompts_truncated": float(counts.truncated),
+            "data/bad_rows": float(counts.bad_rows),
             "reward/mean": raw_rewards.mean().item(),
             "reward/std": raw_rewards.std().item(),
             "policy/kl_ref": kl_per_sequence,
@@ -236,47 +250,53 @@ class PPOTrainer:
         }
         return metrics
 
-    def next_prompts(self) -> list[Example]:
-        """The next `prompts_per_iteration` training examples, in an order reshuffled every epoch."""
-        chosen: list[Example] = []
+    def next_prompts(self) -> list[Prompt]:
+        """The next `prompts_per_iteration` training prompts, in an order reshuffled every epoch (prompts dropped
+        as too long, or skipped as malformed, are passed over)."""
+        train = self.data.train
+        chosen: list[Prompt] = []
         while len(chosen) < self.config.data.prompts_per_iteration:
-            order = torch.randperm(len(self.train_examples),
+            order = torch.randperm(len(train),
                                    generator=torch.Generator().manual_seed(self.config.data.seed + self.state.data_epoch))
-            take = min(len(order) - self.state.data_cursor, self.config.data.prompts_per_iteration - len(chosen))
-            chosen += [self.train_examples[i] for i in order[self.state.data_cursor : self.state.data_cursor + take]]
-            self.state.data_cursor += take
+            prompt = train.get(int(order[self.state.data_cursor]))
+            if prompt is not None:
+                chosen.append(prompt)
+            self.state.data_cursor += 1
             if self.state.data_cursor == len(order):
                 self.state.data_epoch, self.state.data_cursor = self.state.data_epoch + 1, 0
         return chosen
 
-    def generate(self, examples: list[Example], samples_per_prompt: int, seed: int,
+    def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int,
                  temperature: float | None = None) -> RolloutBatch:
-        prompt_ids = [tokenize_prompt(self.tokenizer, example.prompt) for example in examples]
         temperature = self.config.rollout.temperature if temperature is None else temperature
-        per_prompt = self.fleet.generate(prompt_ids, samples_per_prompt, temperature, seed)
-        return self.build_batch(examples, prompt_ids, per_prompt)
+        per_prompt = self.fleet.generate([prompt.ids for prompt in prompts], samples_per_prompt, temperature, seed)
+        return self.build_batch(prompts, per_prompt)
 
-    def build_batch(self, examples: list[Example], prompt_ids: list[list[int]],
-                    per_prompt: list[list[Sample]]) -> RolloutBatch:
-        rows = [(example, ids, sample) for example, ids, samples in zip(examples, prompt_ids, per_prompt, strict=True)
-                for sample in samples]
-        query_ids, query_mask = pad_left([ids for _, ids, _ in rows], self.tokenizer.pad_token_id)
-        response_ids, response_mask = pad_right([s.token_ids for *_, s in rows], self.tokenizer.pad_token_id, torch.long)
-        sampler_logprobs, _ = pad_right([s.logprobs for *_, s in rows], 0.0, torch.float32)
+    def build_batch(self, prompts: list[Prompt], per_prompt: list[list[Sample]]) -> RolloutBatch:
+        rows = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True) for sample in samples]
+        query_ids, query_mask = pad_left([prompt.ids for prompt, _ in rows], self.tokenizer.pad_token_id)
+        response_ids, response_mask = pad_right([s.token_ids for _, s in rows], self.tokenizer.pad_token_id, torch.long)
+        sampler_logprobs, _ = pad_right([s.logprobs for _, s in rows], 0.0, torch.float32)
         return RolloutBatch(
             query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
             sampler_logprobs=sampler_logprobs,
-            prompts=[example.prompt for example, _, _ in rows],
-            responses=self.tokenizer.batch_decode([s.token_ids for *_, s in rows], skip_special_tokens=True),
-            metadata=[example.metadata for example, _, _ in rows],
+            prompts=[prompt.text for prompt, _ in rows],
+            responses=self.tokenizer.batch_decode([s.token_ids for _, s in rows], skip_special_tokens=True),
+            metadata=[prompt.metadata for prompt, _ in rows],
             policy_version=self.state.policy_version,
         )
 
-    def evaluate(self) -> float:
-        """The task's own score (ground truth, whatever the training reward is) on held-out prompts."""
-        batch = self.generate(self.eval_examples, self.config.data.eval_samples_per_prompt, seed=EVAL_SEED)
-        scores = self.task.reward(batch.prompts, batch.responses, batch.metadata)
-        return sum(scores) / len(scores)
+    def evaluate(self) -> float | None:
+        """The mean score (`eval_metric`) of samples on the held-out prompts; None while it cannot be had (a reward
+        model that is not placed, or not trained, yet)."""
+        if self.eval_scorer is None and not hasattr(self, "reward"):
+            return None
+        batch = self.generate(self.data.eval, self.config.data.eval_samples_per_prompt, seed=EVAL_SEED)
+        if self.eval_scorer is not None:
+            scores = torch.tensor(self.eval_scorer.score(batch.prompts, batch.responses, batch.metadata))
+        else:
+            scores = torch.cat(ray.get(self.reward.call("score", ray.put(batch))))
+        return scores.mean().item()
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict:
@@ -308,12 +328,14 @@ class PPOTrainer:
             self.report_status("running", metrics)
             if last:
                 break
-        eval_score_after = self.state.eval_points[-1][1]
+        eval_score_after = self.state.eval_points[-1][1] if self.state.eval_points else None
         final = self.checkpoint_path(self.state.iteration)
         summary = {
             "eval_score_base": self.state.eval_score_base,
             "eval_score_before": self.state.eval_score_before,
             "eval_score_after": eval_score_after,
+            "eval_metric": self.eval_metric,
+            "prompts": self.data.source,
             "iterations": self.state.iteration,
             "samples": self.state.samples,
             "wall_seconds": round(time.monotonic() - started, 1),
@@ -387,6 +409,30 @@ class PPOTrainer:
             ray.kill(self.control)
 
 
+def initial_tokenizer(config: RelayConfig) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer before any model is loaded: a tiny model's is built from the data's characters."""
+    if config.tiny_model is not None:
+        return build_tokenizer(data_alphabet(config))
+    assert config.policy.model is not None
+    try:
+        return load_tokenizer(resolve_model_path(config.policy.model))
+    except OSError as error:
+        raise ValueError(f"policy.model {config.policy.model!r}: no tokenizer can be loaded from it ({error})") from None
+
+
+def eval_scorer(config: RelayConfig) -> tuple[RewardSource | None, str]:
+    """What the held-out score measures, and the source that scores it in the driver: the task's own reward when
+    the prompts come from a task (ground truth, whatever the training reward is), else the run's reward (None for
+    a reward model, which scores through the reward actors)."""
+    task = task_of(config.data)
+    if task is not None:
+        return FunctionReward(task.reward, name=f"task {config.data.task}"), f"task {config.data.task} reward"
+    if config.reward.type == "model":
+        return None, f"reward model {config.reward.model or '(trained in this run)'}"
+    source = build_reward_source(config.reward, None)
+    return source, f"reward {getattr(source, 'name', None) or config.reward.url}"
+
+
 def log_line(line: str) -> None:
     """One line into the job's log at once: above the progress bar on a terminal, and flushed, so a file or Ray's
     log forwarding gets it the moment it is written rather than when a buffer fills."""
@@ -424,8 +470,11 @@ def mean_over_ranks(stats: list[dict[str, float]]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_command_line("PPO on Ray: vLLM rollouts, DeepSpeed learners.", argv)
+    try:
+        trainer = PPOTrainer(config)  # loads and checks the prompts: before Ray starts
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     connect_ray(config)
-    trainer = PPOTrainer(config)
     try:
         return trainer.fit()
     finally:

@@ -5,6 +5,7 @@
     relay train --config FILE [overrides]         PPO here (joins RAY_ADDRESS's cluster, else a local Ray)
     relay sft --config FILE [overrides]           the supervised warm start alone
     relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
+    relay export-task TASK OUT_DIR                a task's prompts and demonstrations as parquet/jsonl files
     relay submit FILE [--address URL] [overrides] PPO as a Ray job on a cluster; prints the job id
     relay status|logs|stop JOB_ID [--address URL] follow a submitted job (stop --finish: end it cleanly after
                                                   the current iteration, with final eval, checkpoint, summary)
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", required=True)
         command.add_argument("overrides", nargs="*", help="dotted.key=value")
+    export = commands.add_parser("export-task", help="write a task's prompts and demonstrations as a dataset")
+    export.add_argument("task", help="built-in task name or module:attribute")
+    export.add_argument("out_dir")
+    export.add_argument("--train-prompts", type=int, default=4096)
+    export.add_argument("--eval-prompts", type=int, default=128)
+    export.add_argument("--seed", type=int, default=0)
     submit = commands.add_parser("submit", help="submit PPO as a Ray job")
     submit.add_argument("config")
     submit.add_argument("overrides", nargs="*", help="dotted.key=value")
@@ -85,6 +92,20 @@ def main(argv: list[str] | None = None) -> None:
         from jobs.reward_model import main as reward_model_main
 
         reward_model_main(["--config", args.config, *args.overrides])
+        return
+
+    if args.command == "export-task":
+        from relay.config import DataSection
+        from relay.prompts import export_task
+        from relay.tasks import get_task
+
+        try:
+            data = DataSection(task=args.task, train_prompts=args.train_prompts, eval_prompts=args.eval_prompts,
+                               seed=args.seed)
+            paths = export_task(get_task(args.task), data, Path(args.out_dir))
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        print("\n".join(str(path) for path in paths.values()))
         return
 
     from relay import cluster

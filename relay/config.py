@@ -8,6 +8,7 @@ before any cluster resource is taken.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,13 +74,37 @@ class InferenceSection(Section):
     micro_batch_size: int = Field(8, ge=1)
 
 
-class RewardSection(InferenceSection):
-    """Where the sequence reward comes from: the task's function (or another), a reward model, or an endpoint."""
+class RewardRule(Section):
+    """One built-in check of a response against the row's columns (relay/verifiers.py), weighted in the sum."""
 
-    type: Literal["function", "model", "remote"] = "function"
+    check: Literal["exact_match", "math_answer", "regex"]
+    column: str | None = Field(None, description="exact_match, math_answer: the column holding the reference")
+    pattern: str | None = Field(None, description="regex: a pattern the whole (stripped) response must match")
+    weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _complete(self) -> RewardRule:
+        if self.check == "regex":
+            if self.pattern is None:
+                raise ValueError("a regex rule needs a pattern")
+            try:
+                re.compile(self.pattern)
+            except re.error as error:
+                raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression ({error})") from None
+        elif self.column is None:
+            raise ValueError(f"a {self.check} rule needs the column that holds the reference answer")
+        return self
+
+
+class RewardSection(InferenceSection):
+    """Where the sequence reward comes from: a function (the task's, yours, or built-in rules), a reward model,
+    or an endpoint."""
+
+    type: Literal["function", "rules", "model", "remote"] = "function"
     function: str | None = Field(
         None, description="`module:function` scoring (prompts, responses, metadata) -> floats; None: the task's"
     )
+    rules: list[RewardRule] = Field(default_factory=list, description="type rules: their weighted sum")
     url: str | None = Field(None, description="type remote: POST {prompts, responses, metadata} -> {rewards}")
     timeout_s: float = Field(30.0, gt=0, description="type remote: seconds per request")
     max_attempts: int = Field(3, ge=1, description="type remote: attempts per request before the run fails")
@@ -91,6 +116,8 @@ class RewardSection(InferenceSection):
     def _source_is_named(self) -> RewardSection:
         if self.type == "remote" and not self.url:
             raise ValueError("reward.type is 'remote' but reward.url is not set")
+        if self.type == "rules" and not self.rules:
+            raise ValueError("reward.type is 'rules' but reward.rules is empty")
         return self
 
     @property
@@ -131,10 +158,30 @@ class PPOSection(Section):
 
 
 class DataSection(Section):
-    task: str = Field("reverse", description="built-in task name or `module:attribute` of a relay.tasks.Task")
-    train_prompts: int = Field(4096, ge=1, description="training prompts drawn from the task")
+    """Where PPO's prompts come from: a prompt dataset (`prompts`), or else a built-in or user task (`task`)."""
+
+    prompts: str | None = Field(
+        None, description="jsonl/parquet file, a directory of them, a saved Hugging Face dataset or a Hub name"
+    )
+    split: str = Field("train", description="the split of a Hugging Face `prompts` dataset")
+    subset: str | None = Field(None, description="the subset (config name) of a Hub dataset, e.g. 'main'")
+    eval_data: str | None = Field(
+        None, description="held-out prompts: a file or directory, or a split of `prompts`; None: hold out eval_prompts"
+    )
+    prompt_key: str = Field("prompt", description="the column holding the prompt text")
+    messages_key: str = Field("messages", description="the column holding chat messages, when rows are chats")
+    apply_chat_template: bool = Field(False, description="render plain prompts as one user message of a chat")
+    chat_template: str | None = Field(None, description="Jinja chat template for tokenizers that have none")
+    long_prompts: Literal["drop", "truncate"] = Field(
+        "drop", description="prompts longer than max_model_len - max_new_tokens: drop, or keep their last tokens"
+    )
+    check_rows: int = Field(
+        1000, ge=1, description="rows of a Hub dataset checked before Ray starts; the rest as they are drawn"
+    )
+    task: str = Field("reverse", description="without `prompts`: built-in task name or `module:attribute` Task")
+    train_prompts: int = Field(4096, ge=1, description="task: training prompts generated")
     prompts_per_iteration: int = Field(16, ge=1)
-    eval_prompts: int = Field(64, ge=1, description="held-out prompts for the task score")
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts (at most this many of eval_data)")
     eval_samples_per_prompt: int = Field(4, ge=1, description="samples per held-out prompt (the score is their mean)")
     seed: int = 0
 
@@ -245,6 +292,21 @@ class RelayConfig(Section):
             raise ValueError(f"reward.resources.gpus_per_node must be 0: a {self.reward.type} reward runs on CPUs")
         if self.reward.colocate_with_policy and not self.reward.uses_gpu_model:
             raise ValueError("reward.colocate_with_policy needs reward.type: model")
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for a prompt within "
+                f"rollout.max_model_len ({self.rollout.max_model_len})"
+            )
+        if self.data.prompts is not None:
+            # A dataset has no task behind it: no task reward, demonstrations or simulated annotator.
+            if self.reward.type == "function" and self.reward.function is None:
+                raise ValueError("data.prompts is set, so there is no task reward: set reward.function, or "
+                                 "reward.type: rules with reward.rules, model or remote")
+            if self.warm_start is not None and self.warm_start.data is None:
+                raise ValueError("data.prompts is set, so there are no task demonstrations: set warm_start.data")
+            if self.reward_model_training is not None and self.reward_model_training.data is None:
+                raise ValueError("data.prompts is set, so there is no simulated annotator: set "
+                                 "reward_model_training.data")
         if self.device == "cpu" and self.rollout.tensor_parallel_size > 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs device: cuda")
         samples = self.data.prompts_per_iteration * self.rollout.samples_per_prompt

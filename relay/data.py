@@ -25,16 +25,64 @@ IGNORE_INDEX = -100  # transformers' causal-LM loss skips labels equal to this
 # Reading rows
 
 
-def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of a .jsonl/.json or .parquet file, or of a Hugging Face dataset."""
+def read_rows(source: str | Path, split: str = "train", subset: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a .jsonl/.json or .parquet file, a directory of such files (in name order), or
+    a Hugging Face dataset (saved with `save_to_disk`, or a Hub name with an optional `subset`)."""
     path = Path(source)
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path)
-    if path.is_file() and path.suffix == ".parquet":
-        return _parquet_rows(path)
     if path.is_file():
-        raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl or .parquet")
-    return _dataset_rows(str(source), split)
+        return _file_rows(path)
+    if path.is_dir() and not is_saved_dataset(path):
+        return _directory_rows(path)
+    return (item for item in enumerate_dataset(open_dataset(str(source), split, subset), str(source), split))
+
+
+def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix in (".jsonl", ".json"):
+        return _jsonl_rows(path)
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
+    raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def _directory_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    files = sorted(item for item in path.iterdir() if item.suffix in (".jsonl", ".json", ".parquet"))
+    if not files:
+        raise ValueError(f"{path}: a directory with no .jsonl or .parquet files and no saved Hugging Face dataset")
+    for file in files:
+        yield from _file_rows(file)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def open_dataset(name: str, split: str, subset: str | None = None) -> Any:
+    """A Hugging Face `datasets.Dataset`: memory-mapped Arrow on disk, so its rows are read as they are indexed
+    and a Hub-scale dataset is never held whole in memory."""
+    import datasets
+
+    if is_saved_dataset(Path(name)):
+        dataset = datasets.load_from_disk(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{name}: no split {split!r} (it has {', '.join(dataset)})")
+            dataset = dataset[split]
+        return dataset
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        # datasets says "doesn't exist on the Hub or cannot be accessed" (no such name, or no network), or names
+        # an unknown split or subset.
+        raise ValueError(f"{name}: not a data file, a directory or a Hugging Face dataset it can load ({error})") from None
+
+
+def dataset_row_where(name: str, split: str, index: int) -> str:
+    return f"dataset {name} ({split}) row {index}"
+
+
+def enumerate_dataset(dataset: Any, name: str, split: str) -> Iterator[tuple[str, Any]]:
+    for index, row in enumerate(dataset):
+        yield dataset_row_where(name, split, index), row
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -54,20 +102,6 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
     for index, row in enumerate(pq.read_table(path).to_pylist()):
         yield f"{path} row {index}", row
-
-
-def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
-    import datasets
-
-    saved = Path(name)
-    if saved.is_dir() and ((saved / "dataset_info.json").exists() or (saved / "dataset_dict.json").exists()):
-        dataset = datasets.load_from_disk(name)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-    else:
-        dataset = datasets.load_dataset(name, split=split)
-    for index, row in enumerate(dataset):
-        yield f"dataset {name} ({split}) row {index}", row
 
 
 def check_text(value: Any, key: str, where: str) -> str:
@@ -171,7 +205,12 @@ def parse_sft_row(
 
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """Prompt ids as the policy sees them at generation time (the tokenizer's special tokens included)."""
-    return tokenizer(prompt).input_ids
+    ids = tokenizer(prompt).input_ids
+    # A rendered chat prompt often starts with the template's own BOS; the tokenizer would add a second one.
+    bos = tokenizer.bos_token_id
+    if bos is not None and prompt.startswith(tokenizer.bos_token) and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
 
 
 def tokenize_sft_example(
@@ -182,10 +221,6 @@ def tokenize_sft_example(
     A sequence longer than `max_length` keeps its first `max_length` tokens.
     """
     prompt_ids = tokenize_prompt(tokenizer, prompt)
-    # A rendered chat prompt often starts with the template's own BOS; the tokenizer would add a second one.
-    bos = tokenizer.bos_token_id
-    if bos is not None and prompt.startswith(tokenizer.bos_token) and prompt_ids[:2] == [bos, bos]:
-        prompt_ids = prompt_ids[1:]
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 import time
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -19,7 +20,9 @@ import requests
 import torch
 from torch import Tensor
 
-from relay.tasks import RewardFunction
+from relay import verifiers
+from relay.config import RewardRule, RewardSection
+from relay.tasks import RewardFunction, Task, load_object
 
 
 class RewardSource(Protocol):
@@ -76,6 +79,50 @@ class FunctionReward:
             return _as_rewards(scores, len(responses))
         except ValueError as problem:
             raise ValueError(f"reward function {self.name} {problem}") from None
+
+
+class RuleReward:
+    """The weighted sum of built-in checks (relay/verifiers.py) of each response against its row's columns."""
+
+    def __init__(self, rules: list[RewardRule]) -> None:
+        self.rules = rules
+        self.patterns = {index: re.compile(rule.pattern) for index, rule in enumerate(rules) if rule.pattern}
+        self.name = "rules " + " + ".join(describe_rule(rule) for rule in rules)
+
+    def score(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+        _check_aligned(prompts, responses, metadata)
+        return [sum(rule.weight * self._check(index, rule, response, row) for index, rule in enumerate(self.rules))
+                for response, row in zip(responses, metadata)]
+
+    def _check(self, index: int, rule: RewardRule, response: str, row: dict[str, Any]) -> float:
+        if rule.check == "regex":
+            return verifiers.regex_match(response, self.patterns[index])
+        if rule.column not in row:
+            raise ValueError(f"reward rule {describe_rule(rule)}: the row has no column {rule.column!r} "
+                             f"(it has {', '.join(sorted(row)) or 'none'})")
+        check = verifiers.math_answer if rule.check == "math_answer" else verifiers.exact_match
+        return check(response, row[rule.column])
+
+
+def describe_rule(rule: RewardRule) -> str:
+    subject = rule.pattern if rule.check == "regex" else rule.column
+    return f"{rule.weight:g}×{rule.check}({subject})"
+
+
+def build_reward_source(section: RewardSection, task: Task | None, task_name: str | None = None) -> RewardSource:
+    """The source a function, rules or remote reward scores with: `reward.function`, `reward.rules`, the endpoint at
+    `reward.url`, or the task's own reward (type function without a function). Reward models are scored by actors."""
+    if section.type == "remote":
+        assert section.url is not None
+        return RemoteReward(section.url, timeout_s=section.timeout_s, max_attempts=section.max_attempts,
+                            batch_size=section.request_batch_size)
+    if section.type == "rules":
+        return RuleReward(section.rules)
+    if section.function:
+        return FunctionReward(load_object(section.function, "reward.function"), name=section.function)
+    if task is None:
+        raise ValueError("reward.type function without reward.function needs a task")
+    return FunctionReward(task.reward, name=f"task {task_name or task.name}")
 
 
 class RemoteRewardError(RuntimeError):

@@ -47,7 +47,7 @@ def make_batch(config, fleet, tiny_model):
     trainer = PPOTrainer(config)
     trainer.tokenizer = load_tokenizer(str(tiny_model))
     trainer.fleet = fleet
-    return trainer, trainer.generate(trainer.train_examples[:8], samples_per_prompt=2, seed=7)
+    return trainer, trainer.generate([trainer.data.train.get(i) for i in range(8)], samples_per_prompt=2, seed=7)
 
 
 def test_fleet_splits_prompts_and_returns_each_once_in_order(setup, tiny_model):
@@ -131,7 +131,7 @@ def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, ti
         # vLLM's sampling log-probs and transformers' recomputation agree on the same weights (fp32).
         assert torch.allclose(ref_logprobs[mask], batch.sampler_logprobs[mask], atol=1e-4)
         assert values.shape == batch.response_ids.shape and torch.isfinite(values).all()
-        assert rewards.tolist() == trainer.task.reward(batch.prompts, batch.responses, batch.metadata)
+        assert rewards.tolist() == trainer.eval_scorer.score(batch.prompts, batch.responses, batch.metadata)
     finally:
         for group in (fleet, reference, critic, reward):
             group.shutdown()

@@ -11,6 +11,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from relay.config import DataSection
+
 
 class RewardFunction(Protocol):
     def __call__(self, prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]) -> list[float]:
@@ -59,6 +61,11 @@ def get_task(name: str) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"data.task {name!r} is a {type(task).__name__}, not a relay.tasks.Task")
     return task
+
+
+def task_of(data: DataSection) -> Task | None:
+    """The task behind the prompts: None when they come from a dataset (`data.prompts`)."""
+    return None if data.prompts is not None else get_task(data.task)
 
 
 def split_examples(task: Task, train_count: int, eval_count: int, seed: int) -> tuple[list[Example], list[Example]]:

@@ -25,7 +25,7 @@ class RewardScorer:
             self.model = load_model(model_path, "reward", self.section.dtype, tokenizer.pad_token_id)
             self.model = self.model.to(self.device).eval().requires_grad_(False)
         else:
-            self.source = build_reward_source(self.section, task_of(config), config.data.task)
+            self.source = build_reward_source(self.section, task_of(config.data), config.data.task)
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Sequence rewards [b] of this rank's shard."""

@@ -169,7 +169,9 @@ class DataSection(Section):
         None, description="held-out prompts: a file or directory, or a split of `prompts`; None: hold out eval_prompts"
     )
     prompt_key: str = Field("prompt", description="the column holding the prompt text")
-    messages_key: str = Field("messages", description="the column holding chat messages, when rows are chats")
+    messages_key: str | None = Field(
+        "messages", description="the column holding chat messages, when rows are chats; None: rows are never chats"
+    )
     apply_chat_template: bool = Field(False, description="render plain prompts as one user message of a chat")
     chat_template: str | None = Field(None, description="Jinja chat template for tokenizers that have none")
     long_prompts: Literal["drop", "truncate"] = Field(

@@ -69,8 +69,7 @@ class PromptParser:
 
     def __call__(self, row: Any, where: str) -> Prompt | None:
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with {self.data.prompt_key!r} or "
-                             f"{self.data.messages_key!r}, got {type(row).__name__}")
+            raise ValueError(f"{where}: expected an object with a {self.data.prompt_key!r} key, got {type(row).__name__}")
         text = self.render(row, where)
         metadata = {key: value for key, value in row.items() if key not in (self.data.prompt_key, self.data.messages_key)}
         ids = tokenize_prompt(self.tokenizer, text)
@@ -84,13 +83,14 @@ class PromptParser:
 
     def render(self, row: dict[str, Any], where: str) -> str:
         data = self.data
-        if data.messages_key in row and row[data.messages_key] is not None:
+        if data.messages_key is not None and row.get(data.messages_key) is not None:
             messages = check_messages(row[data.messages_key], data.messages_key, where)
             return render_chat(messages, self.tokenizer, data.chat_template, where, add_generation_prompt=True,
                                template_setting="data.chat_template")
         if data.prompt_key not in row:
-            raise ValueError(f"{where}: missing key {data.prompt_key!r} (rows need {data.prompt_key!r} or "
-                             f"{data.messages_key!r}; data.prompt_key / data.messages_key name other columns)")
+            chats = f" or {data.messages_key!r}" if data.messages_key else ""
+            raise ValueError(f"{where}: missing key {data.prompt_key!r} (rows need {data.prompt_key!r}{chats}; "
+                             "data.prompt_key / data.messages_key name other columns)")
         prompt = check_text(row[data.prompt_key], data.prompt_key, where)
         if data.apply_chat_template:
             return render_chat([{"role": "user", "content": prompt}], self.tokenizer, data.chat_template, where,

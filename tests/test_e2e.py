@@ -72,3 +72,42 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
     assert resumed["samples"] == 3 * 8 * 2
     assert resumed["eval_score_before"] == summary["eval_score_before"]
     assert latest_checkpoint(run_dir).name == "iter_000003"
+
+
+def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from relay.prompts import export_task
+    from relay.tasks import get_task
+
+    data_dir = tmp_path / "data"
+    config = tiny_run_config(tmp_path / "task")
+    paths = export_task(get_task("reverse"), config.data, data_dir)
+    train = pq.read_table(paths["train.parquet"]).to_pylist()
+    # Every row gets a `source` column the user's reward insists on, and one prompt is too long for the engine
+    # (rollout.max_model_len 64 - max_new_tokens 8 = 56 tokens), so it is dropped and counted.
+    rows = [dict(row, source="exported") for row in train] + [{"prompt": "1" * 60 + "=", "answer": "1" * 60,
+                                                                "source": "exported"}]
+    pq.write_table(pa.Table.from_pylist(rows), data_dir / "train-with-source.parquet")
+    eval_rows = [dict(row, source="exported") for row in pq.read_table(paths["eval.parquet"]).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(eval_rows), data_dir / "eval-with-source.parquet")
+    run_dir = tmp_path / "run"
+    overrides = [f"data.prompts={data_dir / 'train-with-source.parquet'}",
+                 f"data.eval_data={data_dir / 'eval-with-source.parquet'}",
+                 "reward.function=tests.user_reward:score", "run.checkpoint_every=1"]
+
+    summary = run(tiny_run_config(run_dir, *overrides))
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [row["iteration"] for row in rows] == [1, 2]
+    assert rows[-1]["data/prompts_dropped"] == 1.0
+    assert summary["eval_metric"] == "reward tests.user_reward:score"
+    assert summary["prompts"] == str(data_dir / "train-with-source.parquet")
+    assert 0.0 <= summary["eval_score_after"] <= 1.0
+
+    state = json.loads((latest_checkpoint(run_dir) / "driver_state.json").read_text())
+    assert state["iteration"] == 2 and (state["data_epoch"], state["data_cursor"]) == (0, 16)
+    resumed = run(tiny_run_config(run_dir, *overrides, "run.iterations=3"))
+    assert resumed["samples"] == 3 * 8 * 2
+    state = json.loads((latest_checkpoint(run_dir) / "driver_state.json").read_text())
+    assert (state["data_epoch"], state["data_cursor"]) == (0, 24)  # the data position went on from the checkpoint

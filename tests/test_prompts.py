@@ -187,3 +187,58 @@ def test_an_eval_split_of_local_files_is_an_error(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     with pytest.raises(ValueError, match="data.eval_data 'test' is no file or directory"):
         load_prompt_data(dataset_config(path, "data.eval_data=test"), tokenizer)
+
+
+CONFIGS = DEMO_CONFIG.parent
+
+
+def chat_tokenizer():
+    tokenizer = build_tokenizer(ALPHABET + "ABCDEFGHIJKLMNOPQRSTUVWXYZ.,'")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_the_gsm8k_config_reads_gsm8ks_columns_and_scores_with_the_math_checker(tmp_path):
+    import datasets
+
+    from relay.rewards import build_reward_source
+
+    # GSM8K's columns, saved to disk: nothing can be downloaded here.
+    rows = [{"question": f"Tom has {n} apples and buys {n} more. How many now?",
+             "answer": f"He has {n} + {n} = <<{n}+{n}={2 * n}>>{2 * n} apples.\n#### {2 * n}"} for n in range(1, 9)]
+    saved = tmp_path / "gsm8k"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:6]),
+                          "test": datasets.Dataset.from_list(rows[6:])}).save_to_disk(str(saved))
+    config = load_config(CONFIGS / "qwen2.5-1.5b-1node.yaml", [f"data.prompts={saved}"])
+    data = load_prompt_data(config, chat_tokenizer())
+    assert len(data.train) == 6 and len(data.eval) == 2  # GSM8K's test split is the held-out set
+    first = data.train.get(0)
+    assert first.text == "<s><u>Tom has 1 apples and buys 1 more. How many now?|<a>"  # a chat, ready to answer
+    reward = build_reward_source(config.reward, None)
+    assert reward.score([first.text] * 3, ["1 + 1 = 2, so #### 2", "The answer is 2.", "3"],
+                        [first.metadata] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_the_ultrafeedback_config_takes_the_prompt_column_not_the_whole_conversation(tmp_path):
+    import datasets
+
+    def row(n):
+        conversation = [{"role": "user", "content": f"tell me {n}"}, {"role": "assistant", "content": "no"}]
+        return {"prompt": f"tell me {n}", "prompt_id": str(n), "chosen": conversation, "rejected": conversation,
+                "messages": conversation, "score_chosen": 8.0, "score_rejected": 2.0}
+
+    saved = tmp_path / "ultrafeedback"
+    datasets.DatasetDict({"train_prefs": datasets.Dataset.from_list([row(n) for n in range(5)]),
+                          "test_prefs": datasets.Dataset.from_list([row(9)])}).save_to_disk(str(saved))
+    config = load_config(CONFIGS / "llama3-8b-multinode.yaml", [f"data.prompts={saved}"])
+    data = load_prompt_data(config, chat_tokenizer())
+    assert [prompt.text for prompt in data.eval] == ["<s><u>tell me 9|<a>"]
+    assert data.eval[0].metadata["messages"][1]["content"] == "no"  # kept as metadata, not rendered as the prompt
+
+
+def test_the_local_jsonl_config_loads_its_shipped_data():
+    config = load_config(CONFIGS / "sums-jsonl.yaml")
+    data = load_prompt_data(config, build_tokenizer(data_alphabet(config)))
+    assert (len(data.train), len(data.eval)) == (2000, 128)
+    assert data.counts == type(data.counts)()  # nothing dropped, truncated or bad
+    assert set(data.eval[0].metadata) == {"answer", "source"}

@@ -14,6 +14,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from relay.models import QUIET_ENV
 from relay.placement import Placement
 
 
@@ -67,6 +68,7 @@ class ActorGroup:
         self.actors = []
         for rank in range(self.world_size):
             rank_env = {
+                **QUIET_ENV,
                 "MASTER_ADDR": master_addr,
                 "MASTER_PORT": str(master_port),
                 "RANK": str(rank),

@@ -48,7 +48,8 @@ class Learner:
         )
         self.tokenizer = load_tokenizer(model_path)
         kind = "causal_lm" if role == "policy" else "critic"
-        model = load_for_training(model_path, kind, self.ds_config, self.section.dtype, self.tokenizer.pad_token_id)
+        model = load_for_training(model_path, kind, self.ds_config, self.section.dtype, self.tokenizer.pad_token_id,
+                                  dropout=self.section.dropout)
         if self.section.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.engine = init_engine(model, self.ds_config, self.section.learning_rate, self.section.weight_decay)
@@ -106,12 +107,12 @@ class Learner:
         if self.role == "policy":
             logits = self._forward(part)
             logprobs = ppo.token_logprobs(logits, part.response_ids)
-            loss, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, self.ppo.clip_ratio)
+            surrogate, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, self.ppo.clip_ratio)
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
-            if self.ppo.entropy_coef:
-                loss = loss - self.ppo.entropy_coef * entropy
+            loss = surrogate - self.ppo.entropy_coef * entropy if self.ppo.entropy_coef else surrogate
             return loss, {
-                "losses/policy": loss.item(),
+                "losses/policy": surrogate.item(),  # the clipped surrogate alone, without the entropy bonus
+                "losses/policy_total": loss.item(),
                 "losses/approx_kl": stats.approx_kl.item(),
                 "losses/clipfrac": stats.clipfrac.item(),
                 "policy/entropy": entropy.item(),

@@ -5,12 +5,15 @@ placement group, so the fleet can grow or shrink one engine at a time.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
+from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -18,9 +21,16 @@ from relay.config import RelayConfig
 from relay.placement import engine_placement
 
 # The engine runs inside the actor's own process (the default multiprocess engine would start another process
-# per worker and hand `collective_rpc` arguments over as lists rather than tensors); its INFO lines would drown
-# the job log's one line per iteration.
-ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}
+# per worker and hand `collective_rpc` arguments over as lists rather than tensors). The rest keeps the job log to
+# its one line per iteration: vLLM's warnings are about CPU tuning (LD_PRELOAD, Triton), defaults we chose
+# (eager mode, seed) and, on every weight sync, the rotary embedding having no weights to load; torch's C++
+# warnings are the NUMA binding notice; the Python one is vLLM's use of `torch.distributed.reduce_op`.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",
+}
 RETIRE_TIMEOUT_S = 60
 
 
@@ -35,6 +45,8 @@ class RolloutWorker:
     the Ray dashboard (`ray_vllm:*`) next to relay's."""
 
     def __init__(self, config: RelayConfig, model_path: str, index: int) -> None:
+        # vLLM applies VLLM_LOGGING_LEVEL only once an engine is configured; importing it already warns (Triton).
+        logging.getLogger("vllm").setLevel(os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))
         from vllm import EngineArgs, LLMEngine
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
@@ -58,32 +70,35 @@ class RolloutWorker:
             # Log-probs of the distribution actually sampled from (after temperature), as the learner computes them.
             logprobs_mode="processed_logprobs",
             disable_log_stats=False,
+            use_tqdm_on_load=False,  # a bar per weight load from disk
             **memory,
         )
         self.engine = LLMEngine.from_engine_args(engine_args, stat_loggers=[RayPrometheusStatLogger])
         self._request_ids = itertools.count()
 
     def generate(
-        self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seed: int | None = None
+        self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seeds: list[int]
     ) -> list[list[Sample]]:
-        """`samples_per_prompt` samples for each prompt, in prompt order."""
+        """`samples_per_prompt` samples for each prompt, in prompt order; prompt i is sampled with `seeds[i]`."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=samples_per_prompt,
-            temperature=temperature,
-            top_p=self.rollout.top_p,
-            max_tokens=self.rollout.max_new_tokens,
-            logprobs=0,
-            seed=seed,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        def params(seed: int) -> SamplingParams:
+            return SamplingParams(
+                n=samples_per_prompt,
+                temperature=temperature,
+                top_p=self.rollout.top_p,
+                max_tokens=self.rollout.max_new_tokens,
+                logprobs=0,
+                seed=seed,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+            )
+
         position = {}
-        for prompt_index, ids in enumerate(prompt_token_ids):
+        for prompt_index, (ids, seed) in enumerate(zip(prompt_token_ids, seeds, strict=True)):
             request_id = str(next(self._request_ids))
             position[request_id] = prompt_index
-            self.engine.add_request(request_id, {"prompt_token_ids": ids}, params)
+            self.engine.add_request(request_id, {"prompt_token_ids": ids}, params(seed))
         results: list[list[Sample]] = [[] for _ in prompt_token_ids]
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
@@ -112,12 +127,22 @@ class RolloutWorker:
         return policy_version
 
 
-@dataclass
+@dataclass(eq=False)  # members are told apart by identity (dict keys)
 class _Member:
     index: int
     worker: Any  # the RolloutWorker actor handle
     placement_group: Any
     ready: ray.ObjectRef  # resolves once the engine is up (the actor's constructor has finished)
+
+
+@dataclass
+class _Weights:
+    """What the active engines hold: a checkpoint directory, or full weights in the object store (kept referenced,
+    so that an engine that joins later loads exactly these)."""
+
+    policy_version: int
+    model_path: str | None = None
+    state_dict_ref: ray.ObjectRef | None = None
 
 
 class RolloutFleet:
@@ -126,17 +151,23 @@ class RolloutFleet:
     Engines are *active* (they generate) or *pending* (placement group not placed yet, or engine still starting).
     A pending engine joins at an iteration boundary, after it has loaded the current policy weights; until then
     the run goes on with the active ones. Pending placement groups are what the Ray autoscaler sees.
+
+    The fleet owns its engines' health: an engine whose call fails (its process died, its node was lost) or passes
+    `call_timeout_s` is removed and replaced by a new pending one, and its prompts are generated again on the
+    others, or on the replacement when it was the last. A batch is always complete: no prompt lost, none doubled.
     """
 
     def __init__(self, config: RelayConfig, model_path: str) -> None:
         self.config = config
         self.model_path = model_path
+        self.call_timeout_s = config.run.call_timeout_s
         self.active: list[_Member] = []
         self.pending: list[_Member] = []
+        self.failures = 0
+        self.weights = _Weights(policy_version=0, model_path=model_path)
         self._next_index = 0
         self._add(config.rollout.num_workers)
-        ray.get([member.ready for member in self.pending])  # the first engines are waited for
-        self.active, self.pending = self.pending, []
+        self._join(self._wait_ready(self.pending, "the first rollout engines to start"))
 
     @property
     def workers(self) -> list[Any]:
@@ -171,36 +202,109 @@ class RolloutFleet:
             self._retire(self.active.pop(), started=True)
             surplus -= 1
 
-    def take_ready(self) -> list[Any]:
-        """Pending engines that are up now; they must load the current weights, then `activate` them."""
+    def join_ready(self) -> int:
+        """At an iteration boundary: pending engines that are up load the current weights and start generating
+        (those whose start failed are replaced). Returns how many joined."""
         if not self.pending:
-            return []
+            return 0
         ready_refs, _ = ray.wait([member.ready for member in self.pending], num_returns=len(self.pending), timeout=0)
-        return [member.worker for member in self.pending if member.ready in ready_refs]
+        return self._join([member for member in self.pending if member.ready in ready_refs])
 
-    def activate(self, workers: list[Any]) -> None:
-        joining = [member for member in self.pending if member.worker in workers]
-        self.pending = [member for member in self.pending if member not in joining]
-        self.active += joining
+    def _join(self, members: list[_Member]) -> int:
+        loaded = self._call_each(members, self._load_current, "load the current weights")
+        joined = [member for member in members if member in loaded]
+        self.pending = [member for member in self.pending if member not in members]
+        self.active += joined
+        return len(joined)
+
+    def _load_current(self, member: _Member) -> ray.ObjectRef:
+        ray.get(member.ready)  # a failed start raises here, and the engine is replaced
+        if self.weights.state_dict_ref is not None:
+            return member.worker.load_weights.remote(self.weights.state_dict_ref, self.weights.policy_version)
+        if self.weights.model_path == self.model_path:
+            return ray.put(self.weights.policy_version)  # started from these weights: nothing to load
+        return member.worker.load_weights_from.remote(self.weights.model_path, self.weights.policy_version)
+
+    def _wait_ready(self, members: list[_Member], what: str) -> list[_Member]:
+        _, late = ray.wait([member.ready for member in members], num_returns=len(members),
+                           timeout=self.call_timeout_s)
+        if late:
+            names = ", ".join(f"rollout-{member.index}" for member in members if member.ready in late)
+            raise TimeoutError(f"waited run.call_timeout_s={self.call_timeout_s:.0f} s for {what}: {names} did not "
+                               "start (not enough free resources for their placement groups?)")
+        return members
 
     def generate(
-        self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seed: int
+        self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seeds: list[int]
     ) -> list[list[Sample]]:
-        """Split the prompts over the active engines in contiguous chunks; results come back in prompt order."""
-        chunks = _split_evenly(prompt_token_ids, len(self.active))
-        calls = [
-            member.worker.generate.remote(chunk, samples_per_prompt, temperature, seed + member.index)
-            for member, chunk in zip(self.active, chunks)
-            if chunk
-        ]
-        return [samples for part in ray.get(calls) for samples in part]
+        """Split the prompts (and their seeds) over the active engines in contiguous chunks; results come back in
+        prompt order, and do not depend on the split. The prompts of an engine that fails go to the others."""
+        results: list[list[Sample]] = [[] for _ in prompt_token_ids]
+        todo = list(range(len(prompt_token_ids)))
+        while todo:
+            if not self.active:  # the last engine failed: its replacement must come up first
+                self._join(self._wait_ready(self.pending[:1], "a replacement rollout engine"))
+                continue
+            chunks = dict(zip(self.active, _split_evenly(todo, len(self.active))))
 
-    def load_weights(self, state_dict_ref: ray.ObjectRef, policy_version: int, workers: list[Any] | None = None) -> None:
-        targets = self.workers if workers is None else workers
-        ray.get([worker.load_weights.remote(state_dict_ref, policy_version) for worker in targets])
+            def generate_chunk(member: _Member) -> ray.ObjectRef:
+                chunk = chunks[member]
+                return member.worker.generate.remote([prompt_token_ids[i] for i in chunk], samples_per_prompt,
+                                                     temperature, [seeds[i] for i in chunk])
+
+            done = self._call_each([member for member in self.active if chunks[member]], generate_chunk,
+                                   "generate")
+            for member, samples in done.items():
+                for index, prompt_samples in zip(chunks[member], samples, strict=True):
+                    results[index] = prompt_samples
+            todo = [index for member, chunk in chunks.items() if chunk and member not in done for index in chunk]
+        return results
+
+    def load_weights(self, state_dict_ref: ray.ObjectRef, policy_version: int) -> None:
+        """The new policy weights into every active engine; engines that join later load the same."""
+        self.weights = _Weights(policy_version, state_dict_ref=state_dict_ref)
+        self._call_each(self.active, self._load_current, "load new weights")
 
     def load_weights_from(self, model_path: str, policy_version: int) -> None:
-        ray.get([worker.load_weights_from.remote(model_path, policy_version) for worker in self.workers])
+        self.weights = _Weights(policy_version, model_path=model_path)
+        self._call_each(self.active, self._load_current, "load new weights")
+
+    def _call_each(self, members: list[_Member], call: Any, what: str) -> dict[_Member, Any]:
+        """`call(member)` -> an ObjectRef, on each member at once; the results of those that answered within
+        call_timeout_s. Every other member is replaced (see `_replace`)."""
+        refs: dict[_Member, ray.ObjectRef] = {}
+        failed: dict[_Member, str] = {}
+        for member in members:
+            try:
+                refs[member] = call(member)
+            except RayError as error:
+                failed[member] = _describe(error)
+        deadline = time.monotonic() + self.call_timeout_s
+        results: dict[_Member, Any] = {}
+        for member, ref in refs.items():
+            try:
+                results[member] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except GetTimeoutError:
+                failed[member] = f"no answer within run.call_timeout_s={self.call_timeout_s:.0f} s"
+            except RayError as error:
+                failed[member] = _describe(error)
+        for member, reason in failed.items():
+            self._replace(member, f"{what}: {reason}")
+        return results
+
+    def _replace(self, member: _Member, reason: str) -> None:
+        """Remove a failed engine (killed, in case it hangs) and start a pending replacement."""
+        self.failures += 1
+        if self.failures > self.config.rollout.max_failures:
+            raise RuntimeError(f"rollout engines failed {self.failures} times, more than rollout.max_failures="
+                               f"{self.config.rollout.max_failures} (the last: rollout-{member.index}, {reason})")
+        self.active = [other for other in self.active if other is not member]
+        self.pending = [other for other in self.pending if other is not member]
+        ray.kill(member.worker)
+        remove_placement_group(member.placement_group)
+        self._add(1)
+        print(f"rollout-{member.index} failed ({reason}); its prompts go to the other engines, and "
+              f"rollout-{self._next_index - 1} is starting to replace it", flush=True)
 
     def _retire(self, member: _Member, started: bool) -> None:
         if started or member.ready in ray.wait([member.ready], timeout=0)[0]:
@@ -217,6 +321,11 @@ class RolloutFleet:
             ray.kill(member.worker)
             remove_placement_group(member.placement_group)
         self.active, self.pending = [], []
+
+
+def _describe(error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line[:200]}"
 
 
 def _split_evenly(items: list[Any], parts: int) -> list[list[Any]]:

@@ -8,18 +8,21 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import deepspeed
 import ray
 import ray.train
-from ray.train import Checkpoint, Result, RunConfig, ScalingConfig
+from ray.train import Checkpoint, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from relay.config import Dtype, RelayConfig, Resources
-from relay.models import ModelKind, build_tiny_model, load_tokenizer
+from actors.group import free_port
+from relay.models import QUIET_ENV, ModelKind, build_tiny_model, load_tokenizer
 from relay.prompts import data_alphabet
 from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
+
+if TYPE_CHECKING:  # relay.zero imports deepspeed itself, after choosing its accelerator
+    import deepspeed
 
 
 def connect_ray(config: RelayConfig) -> None:
@@ -30,8 +33,22 @@ def connect_ray(config: RelayConfig) -> None:
     if address:
         ray.init(address=address, namespace=config.ray.namespace)
     else:
-        # "local": a private instance, never a stale cluster left behind by an earlier `ray start`.
-        ray.init(address="local", num_cpus=config.ray.local_num_cpus, namespace=config.ray.namespace)
+        # "local": a private instance, never a stale cluster left behind by an earlier `ray start`. Its GCS port is
+        # chosen here and its address put in the environment its processes inherit (captured when it starts): those
+        # that look the cluster up by themselves, such as Ray Train's PlacementGroupCleaner, otherwise fail with
+        # "Found multiple active Ray instances" as soon as another local run is up on the machine.
+        port = free_port()
+        instance_env = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        saved = {name: os.environ.get(name) for name in instance_env}
+        os.environ.update(instance_env)
+        try:
+            ray.init(address="local", num_cpus=config.ray.local_num_cpus, namespace=config.ray.namespace)
+        finally:  # this process knows its instance now; a later local instance must not reuse the port
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -61,7 +78,15 @@ def fit_on_ray_train(name: str, loop: Callable[[dict[str, Any]], None], config: 
             use_gpu=config.device == "cuda",
             resources_per_worker={"CPU": resources.cpus_per_rank},
         ),
-        run_config=RunConfig(name=name, storage_path=str(run_dir.resolve() / "ray_train")),
+        run_config=RunConfig(
+            name=name, storage_path=str(run_dir.resolve() / "ray_train"),
+            # Ray Train's print patch sends each print of a worker to its stdout and, through `logging`, to its
+            # stderr: every line reached the log twice, and tqdm_ray's closing state, read twice, re-opened the
+            # finished bar on the driver, which then redrew it in front of every later line of the log.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **QUIET_ENV}},
+            # Ray Train's INFO lines (resources, worker group, every report) are its own bookkeeping.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -78,7 +103,7 @@ class TrainWorker:
     per_rank_batch_size: int  # this rank's share of the global batch
     zero_stage: int
     tokenizer: Any
-    engine: deepspeed.DeepSpeedEngine
+    engine: "deepspeed.DeepSpeedEngine"
 
 
 def start_train_worker(model_path: str, kind: ModelKind, *, zero_stage: int, dtype: Dtype, batch_size: int,

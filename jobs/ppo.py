@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import Iterator
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -35,7 +37,7 @@ from jobs.common import connect_ray, prepare_base_model, resolve_model_path
 from jobs.reward_model import run_reward_model_training
 from jobs.sft import run_warm_start
 from relay import ppo
-from relay.batch import RolloutBatch, pad_left, pad_right
+from relay.batch import RolloutBatch, pad_left, pad_right, request_seeds
 from relay.config import RelayConfig, config_from_command_line, dump_config
 from relay.metrics import MetricsLogger, plot_reward_curve
 from relay.models import build_tokenizer, load_tokenizer
@@ -43,6 +45,7 @@ from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
 from relay.placement import role_placement
 from relay.prompts import Prompt, data_alphabet, load_prompt_data, max_prompt_tokens
 from relay.rewards import FunctionReward, RewardNormalizer, RewardSource, build_reward_source
+from relay.storage import publish_directory, write_atomic
 from relay.tasks import task_of
 
 EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
@@ -91,6 +94,12 @@ class PPOTrainer:
                 if rule.column is not None and rule.column not in columns:
                     raise ValueError(f"reward.rules: no column {rule.column!r} in {self.data.source} (its columns "
                                      f"besides the prompt: {', '.join(sorted(columns)) or 'none'})")
+        self.terminate_requested = False
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """The driver's state as a new run starts it; a checkpoint, when there is one, then overwrites it."""
+        config = self.config
         self.state = DriverState(kl_coef=config.ppo.kl_coef)
         self.reward_normalizer = RewardNormalizer(normalize=config.reward.normalize, clip=config.reward.clip)
         self.kl_controller: ppo.AdaptiveKLController | ppo.FixedKLController = (
@@ -109,11 +118,12 @@ class PPOTrainer:
             policy_path, critic_path = self.start_fresh()
         self.place_roles(policy_path, critic_path)
         if checkpoint is not None:
-            ray.get(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)))
+            self.wait(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)),
+                      "policy-learner, critic-learner (load)")
         else:  # after placement: a reward model scores through its actors
             self.state.eval_score_before = self.evaluate()
             self.state.eval_points = [] if self.state.eval_score_before is None else [(0, self.state.eval_score_before)]
-        self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name)
+        self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name, resumed_at=self.state.iteration)
         self.control = ray.remote(RunControl).options(
             name=control_actor_name(current_run_id(self.config.run.name)), namespace=CONTROL_NAMESPACE,
             num_cpus=0, get_if_exists=True,
@@ -193,14 +203,15 @@ class PPOTrainer:
 
         # 2. Sample responses on the vLLM fleet, with the sampler's log-probs.
         with phase("generate", metrics):
-            batch = self.generate(examples, config.rollout.samples_per_prompt, seed=config.run.seed + iteration)
+            batch = self.generate(examples, config.rollout.samples_per_prompt, config.run.seed, iteration)
         batch_ref = ray.put(batch)
 
         # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values, rewards.
         with phase("score", metrics):
-            scored = {name: group.call("score", batch_ref) for name, group in
-                      [("old", self.policy), ("ref", self.reference), ("values", self.critic), ("reward", self.reward)]}
-            old_logprobs, ref_logprobs, values, raw_rewards = (torch.cat(ray.get(refs)) for refs in scored.values())
+            scored = {group.name: group.call("score", batch_ref)
+                      for group in (self.policy, self.reference, self.critic, self.reward)}
+            old_logprobs, ref_logprobs, values, raw_rewards = (torch.cat(self.wait(refs, f"{name} (score)"))
+                                                               for name, refs in scored.items())
             rewards = self.reward_normalizer(raw_rewards)
 
         # 4. Per-token rewards (−β·KL, plus the sequence reward on the last token), GAE, whitened advantages.
@@ -218,17 +229,18 @@ class PPOTrainer:
         with phase("train", metrics):
             policy_stats = self.policy.call("train", train_ref, iteration)
             critic_stats = self.critic.call("train", train_ref, iteration)
-            metrics |= mean_over_ranks(ray.get(policy_stats)) | mean_over_ranks(ray.get(critic_stats))
+            metrics |= (mean_over_ranks(self.wait(policy_stats, "policy-learner (train)"))
+                        | mean_over_ranks(self.wait(critic_stats, "critic-learner (train)")))
 
         # 6. The new policy weights to every rollout worker (all learner ranks take part in the gather).
         with phase("sync", metrics):
             weight_refs = self.policy.call("full_weights")
             self.state.policy_version += 1
             self.fleet.load_weights(weight_refs[0], self.state.policy_version)
-            ray.get(weight_refs[1:])
+            self.wait(weight_refs[1:], "policy-learner (full_weights)")
 
         # 7. Statistics (the metrics are logged by the caller) and the KL controller's update.
-        kl_per_sequence = (kl * mask).sum(dim=1).mean().item()
+        kl_per_sequence = ppo.masked_sum(kl, mask, dim=1).mean().item()
         self.kl_controller.update(kl_per_sequence, len(batch))
         self.state.samples += len(batch)
         response_tokens = mask.sum().item()
@@ -266,10 +278,9 @@ class PPOTrainer:
                 self.state.data_epoch, self.state.data_cursor = self.state.data_epoch + 1, 0
         return chosen
 
-    def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int,
-                 temperature: float | None = None) -> RolloutBatch:
-        temperature = self.config.rollout.temperature if temperature is None else temperature
-        per_prompt = self.fleet.generate([prompt.ids for prompt in prompts], samples_per_prompt, temperature, seed)
+    def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int) -> RolloutBatch:
+        per_prompt = self.fleet.generate([prompt.ids for prompt in prompts], samples_per_prompt,
+                                         self.config.rollout.temperature, request_seeds(seed, iteration, len(prompts)))
         return self.build_batch(prompts, per_prompt)
 
     def build_batch(self, prompts: list[Prompt], per_prompt: list[list[Sample]]) -> RolloutBatch:
@@ -291,26 +302,49 @@ class PPOTrainer:
         model that is not placed, or not trained, yet)."""
         if self.eval_scorer is None and not hasattr(self, "reward"):
             return None
-        batch = self.generate(self.data.eval, self.config.data.eval_samples_per_prompt, seed=EVAL_SEED)
+        batch = self.generate(self.data.eval, self.config.data.eval_samples_per_prompt, EVAL_SEED, iteration=0)
         if self.eval_scorer is not None:
             scores = torch.tensor(self.eval_scorer.score(batch.prompts, batch.responses, batch.metadata))
         else:
-            scores = torch.cat(ray.get(self.reward.call("score", ray.put(batch))))
+            scores = torch.cat(self.wait(self.reward.call("score", ray.put(batch)), "reward (score)"))
         return scores.mean().item()
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict:
+        """Train to run.iterations. When a learner, reference or reward actor dies, every role is torn down and
+        restarted from the newest checkpoint, within run.max_restarts (the rollout fleet heals itself)."""
         started = time.monotonic()
+        restarts = 0
+        while True:
+            try:
+                return self.train(started)
+            except RayActorError as error:
+                if restarts == self.config.run.max_restarts:
+                    raise RuntimeError(
+                        f"a role failed again after {restarts} restarts (run.max_restarts): {error}\nRun the same "
+                        f"command again to resume from the newest checkpoint in {self.run_dir / 'checkpoints'}"
+                    ) from error
+                restarts += 1
+                log_line(f"a role failed ({type(error).__name__}: {str(error).strip().splitlines()[0][:300]}); "
+                         f"restarting every role from the newest checkpoint ({restarts} of {self.config.run.max_restarts})")
+                self.shutdown_roles()
+                self.reset_state()
+
+    def train(self, started: float) -> dict:
         config = self.config
         self.setup()
         assert self.state.eval_points is not None
-        if self.state.iteration >= config.run.iterations:
+        summary_path = self.run_dir / "summary.json"
+        if self.state.iteration >= config.run.iterations and summary_path.exists():
             print(f"{self.run_dir} is complete at iteration {self.state.iteration}; use a new run.output_dir to rerun")
-            return json.loads((self.run_dir / "summary.json").read_text())
+            return json.loads(summary_path.read_text())
+        # (A run whose final checkpoint was written but not its summary trains nothing more, and finishes below.)
         progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="PPO", unit="iter",
                         initial=self.state.iteration, total=config.run.iterations, disable=not sys.stdout.isatty())
         for iteration in progress:
-            requests = ray.get(self.control.requests.remote())
+            if self.terminate_requested:
+                self.stop_on_signal()
+            [requests] = self.wait([self.control.requests.remote()], "control")
             self.apply_scaling(requests["rollout_workers"])
             metrics = self.train_iteration(iteration)
             self.state.iteration = iteration
@@ -322,7 +356,8 @@ class PPOTrainer:
             if last or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
                 with phase("checkpoint", metrics):
                     self.save_checkpoint(iteration)
-            metrics |= {"rollout/workers_active": len(self.fleet.active), "rollout/workers_pending": len(self.fleet.pending)}
+            metrics |= {"rollout/workers_active": len(self.fleet.active), "rollout/workers_pending": len(self.fleet.pending),
+                        "rollout/worker_failures": self.fleet.failures}
             self.metrics.log(iteration, metrics)
             log_line(iteration_line(iteration, config.run.iterations, metrics))
             self.report_status("running", metrics)
@@ -349,16 +384,34 @@ class PPOTrainer:
         self.report_status("finished", {})
         return summary
 
+    def stop_on_signal(self) -> None:
+        """SIGTERM (`relay stop`, `ray job stop`, a preempted node): checkpoint the last finished iteration unless it
+        already is, and end the run; resubmitted, it resumes from there."""
+        iteration = self.state.iteration
+        if iteration and not self.checkpoint_path(iteration).exists():
+            self.save_checkpoint(iteration)
+        log_line(f"stopped by SIGTERM after iteration {iteration}; its checkpoint is in {self.run_dir / 'checkpoints'}, "
+                 "and the same command resumes from it")
+        raise Terminated()
+
+    def wait(self, refs: list[ray.ObjectRef], role: str) -> list:
+        """`ray.get` with the run's deadline: a role that does not answer within run.call_timeout_s is named. The
+        first error is raised as soon as it is in, since the other ranks may be left waiting on a dead one."""
+        deadline = time.monotonic() + self.config.run.call_timeout_s
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"{role} did not answer within run.call_timeout_s="
+                                   f"{self.config.run.call_timeout_s:.0f} s (stuck, or too slow for that deadline)")
+            ray.get(ready[0])
+        return ray.get(refs)
+
     def apply_scaling(self, rollout_workers: int) -> None:
-        """At the iteration boundary: follow the requested fleet size; engines that came up load the current
-        weights (all learner ranks take part in the gather) and join."""
+        """At the iteration boundary: follow the requested fleet size; engines that came up (new ones, and
+        replacements of failed ones) load the current weights and join."""
         self.fleet.resize(rollout_workers)
-        joining = self.fleet.take_ready()
-        if joining:
-            weight_refs = self.policy.call("full_weights")
-            self.fleet.load_weights(weight_refs[0], self.state.policy_version, workers=joining)
-            ray.get(weight_refs[1:])
-            self.fleet.activate(joining)
+        self.fleet.join_ready()
 
     def report_status(self, state: str, metrics: dict[str, float]) -> None:
         self.control.report.remote({
@@ -368,6 +421,7 @@ class PPOTrainer:
             "policy_version": self.state.policy_version,
             "rollout_workers_active": [f"rollout-{member.index}" for member in self.fleet.active],
             "rollout_workers_pending": [f"rollout-{member.index}" for member in self.fleet.pending],
+            "rollout_worker_failures": self.fleet.failures,
             "reward_mean": metrics.get("reward/mean"),
             "run_dir": str(self.run_dir),
         })
@@ -381,14 +435,22 @@ class PPOTrainer:
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        ray.get(self.policy.call("save", str(partial.resolve())) + self.critic.call("save", str(partial.resolve())))
+        self.wait(self.policy.call("save", str(partial.resolve())) + self.critic.call("save", str(partial.resolve())),
+                  "policy-learner, critic-learner (save)")
         self.state.kl_coef = self.kl_controller.value
         self.state.reward_stats = self.reward_normalizer.state_dict()
         (partial / "driver_state.json").write_text(json.dumps(asdict(self.state), indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        publish_directory(partial, final)
+        self.prune_checkpoints()
         return final
+
+    def prune_checkpoints(self) -> None:
+        """Keep the newest `run.keep_checkpoints` complete checkpoints (all when 0)."""
+        keep = self.config.run.keep_checkpoints
+        complete = sorted(path for path in (self.run_dir / "checkpoints").glob("iter_*")
+                          if not path.name.endswith(".partial"))
+        for old in complete[:-keep] if keep else []:
+            shutil.rmtree(old)
 
     def finish(self, summary: dict, final_checkpoint: Path) -> None:
         link = self.run_dir / "policy"
@@ -397,16 +459,26 @@ class PPOTrainer:
         temporary.symlink_to(final_checkpoint.relative_to(self.run_dir) / "policy")
         os.replace(temporary, link)
         plot_reward_curve(self.metrics.jsonl_path, self.run_dir / "reward_curve.png", self.state.eval_points or [])
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
         print(json.dumps(summary, indent=2))
 
     def shutdown(self) -> None:
+        self.shutdown_roles()
+        if hasattr(self, "control"):
+            ray.kill(self.control)
+            del self.control
+
+    def shutdown_roles(self) -> None:
+        """Every role's actors and placement groups gone, and the metric sinks closed. The control actor stays:
+        a restart keeps the requests it holds."""
         for name in ("fleet", "policy", "critic", "reference", "reward"):
             if hasattr(self, name):
                 getattr(self, name).shutdown()
-        if hasattr(self, "control"):
-            ray.kill(self.control)
+                delattr(self, name)
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+            del self.metrics
 
 
 def initial_tokenizer(config: RelayConfig) -> PreTrainedTokenizerBase:
@@ -457,6 +529,8 @@ def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -
     )
     if metrics["rollout/workers_pending"]:
         line += f" (+{metrics['rollout/workers_pending']:.0f} pending)"
+    if metrics.get("rollout/worker_failures"):
+        line += f" ({metrics['rollout/worker_failures']:.0f} failed so far)"
     phases = " ".join(f"{name[5:]} {value:.2f}s" for name, value in metrics.items() if name.startswith("time/"))
     line += f" | {phases}"
     if "eval/score" in metrics:
@@ -468,15 +542,26 @@ def mean_over_ranks(stats: list[dict[str, float]]) -> dict[str, float]:
     return {name: sum(rank[name] for rank in stats) / len(stats) for name in stats[0]}
 
 
+class Terminated(Exception):
+    """The run ended on SIGTERM, after writing its checkpoint."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_command_line("PPO on Ray: vLLM rollouts, DeepSpeed learners.", argv)
     try:
         trainer = PPOTrainer(config)  # loads and checks the prompts: before Ray starts
     except ValueError as error:
         sys.exit(f"error: {error}")
+
+    def on_sigterm(signum: int, frame: object) -> None:  # acted on at the next iteration boundary
+        trainer.terminate_requested = True
+
     connect_ray(config)
+    signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own that aborts
     try:
         return trainer.fit()
+    except Terminated:
+        sys.exit(128 + signal.SIGTERM)
     finally:
         trainer.shutdown()
 

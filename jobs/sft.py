@@ -58,8 +58,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ]
 
     loss_value = float("nan")
-    # tqdm_ray draws one bar in the driver's console from any worker, and survives Ray's log forwarding.
-    progress = tqdm_ray.tqdm(total=section.steps, desc="warm start") if rank == 0 else None
+    # tqdm_ray draws one bar in the driver's console from any worker, and survives Ray's log forwarding; in a log
+    # (the driver's stdout is no terminal) a bar is a run of carriage returns, so rank 0 prints a line per report.
+    progress = tqdm_ray.tqdm(total=section.steps, desc="warm start") if rank == 0 and loop_config["progress_bar"] else None
     for step in range(section.steps):
         batch = collate_sft(next_batch(), tokenizer.pad_token_id)
         loss = engine(**{name: tensor.to(engine.device) for name, tensor in batch.items()}).loss
@@ -70,6 +71,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             progress.update(1)
         if (step + 1) % 100 == 0 and step + 1 < section.steps:
             ray.train.report({"loss": loss_value, "step": step + 1})
+            if rank == 0 and progress is None:
+                print(f"warm start: step {step + 1}/{section.steps} | loss {loss_value:.4f}", flush=True)
 
     if progress is not None:
         progress.close()
@@ -124,6 +127,7 @@ def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
             "seed": config.data.seed,
             "train_examples": config.data.train_prompts,
             "eval_examples": config.data.eval_prompts,
+            "progress_bar": sys.stdout.isatty(),
         },
     )
     return result.checkpoint.path

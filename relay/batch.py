@@ -8,6 +8,7 @@ Position ids count real tokens only, which is what vLLM saw when it generated th
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -71,12 +72,19 @@ class RolloutBatch:
         return replace(self, **moved)
 
     def shard(self, rank: int, world_size: int) -> RolloutBatch:
-        """Rank `rank`'s contiguous share; concatenating the shards in rank order gives the batch back."""
-        size = len(self)
-        if size % world_size:
-            raise ValueError(f"batch of {size} rows does not split evenly over {world_size} ranks")
-        per_rank = size // world_size
-        return self.select(slice(rank * per_rank, (rank + 1) * per_rank))
+        """Rank `rank`'s contiguous share, the first `len % world_size` shares one row longer; concatenating the
+        shards in rank order gives the batch back. (Training batches split evenly: the config checks that.)"""
+        size, remainder = divmod(len(self), world_size)
+        start = rank * size + min(rank, remainder)
+        return self.select(slice(start, start + size + (1 if rank < remainder else 0)))
+
+
+def request_seeds(run_seed: int, iteration: int, count: int) -> list[int]:
+    """One sampling seed per prompt of an iteration's batch, from (run seed, iteration, the prompt's index): which
+    engine serves a prompt changes nothing, no two prompts or iterations share a seed, and a resumed run draws the
+    same samples as an uninterrupted one."""
+    return [int.from_bytes(hashlib.blake2b(f"{run_seed}:{iteration}:{index}".encode(), digest_size=8).digest()) >> 1
+            for index in range(count)]
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

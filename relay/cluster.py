@@ -50,12 +50,13 @@ def submit(config_path: str, overrides: list[str], address: str | None, working_
     """Submit the PPO driver as a Ray job with `working_dir` shipped to the cluster; returns the job id."""
     from relay.config import load_config
 
-    load_config(config_path, overrides)  # fail here, before the cluster is asked for anything
+    config = load_config(config_path, overrides)  # fail here, before the cluster is asked for anything
     entrypoint = " ".join(["python", "-m", "jobs.ppo", "--config", shlex.quote(config_path),
                            *(shlex.quote(item) for item in overrides)])
-    runtime_env: dict[str, Any] = {"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES}
-    if env:
-        runtime_env["env_vars"] = env
+    # `relay stop` (Ray's job stop) sends the driver SIGTERM and, this long after, SIGKILL (Ray's default: 3 s);
+    # the driver uses the time to checkpoint its last iteration. Ray's job supervisor reads it from the job's env.
+    env_vars = {"RAY_JOB_STOP_WAIT_TIME_S": str(config.run.stop_grace_s), **(env or {})}
+    runtime_env: dict[str, Any] = {"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES, "env_vars": env_vars}
     return submit_job(job_client(address), entrypoint=entrypoint, runtime_env=runtime_env)
 
 

@@ -60,6 +60,7 @@ class TrainerSection(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(4, ge=1, description="sequences per rank per forward/backward")
     gradient_checkpointing: bool = False
+    dropout: bool = Field(False, description="keep the model's dropout in training (off: exact ratios and resume)")
 
 
 class InferenceSection(Section):
@@ -140,6 +141,7 @@ class RolloutSection(Section):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of a GPU for vLLM (cuda)")
     kv_cache_memory_mb: int = Field(256, ge=16, description="KV cache size on device: cpu")
     enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
+    max_failures: int = Field(10, ge=0, description="engine failures survived (each replaced) before the run stops")
 
 
 class PPOSection(Section):
@@ -230,8 +232,18 @@ class RunSection(Section):
     output_dir: str = Field("runs/relay", description="run directory: metrics, checkpoints, final model")
     iterations: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="evaluate every N iterations (0: only at start and end)")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N iterations (0: only at the end)")
+    checkpoint_every: int = Field(
+        10, ge=0, description="checkpoint every N iterations (0: only at the end); restarts resume from the newest"
+    )
+    max_restarts: int = Field(2, ge=0, description="restarts of every role from the newest checkpoint when one dies")
+    stop_grace_s: int = Field(
+        300, ge=3, description="relay submit: how long `relay stop` lets the driver checkpoint before Ray kills it"
+    )
+    keep_checkpoints: int = Field(0, ge=0, description="keep the newest K checkpoints (0: all)")
     resume: Literal["auto", "never"] = "auto"
+    call_timeout_s: float = Field(
+        1800.0, gt=0, description="the longest the driver waits on one call to a role before naming it as stuck"
+    )
     seed: int = 0
 
 
@@ -312,6 +324,14 @@ class RelayConfig(Section):
         if self.device == "cpu" and self.rollout.tensor_parallel_size > 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs device: cuda")
         samples = self.data.prompts_per_iteration * self.rollout.samples_per_prompt
+        for role in ("reference", "reward"):
+            scorer: InferenceSection = getattr(self, role)
+            ranks = self.policy.resources.world_size if scorer.colocate_with_policy else scorer.resources.world_size
+            if samples % ranks:
+                raise ValueError(
+                    f"data.prompts_per_iteration × rollout.samples_per_prompt = {samples} samples must divide evenly "
+                    f"over the {ranks} {role} ranks"
+                )
         for role in ("policy", "critic"):
             section: TrainerSection = getattr(self, role)
             per_step = section.resources.world_size * section.micro_batch_size * self.ppo.mini_batches

@@ -5,6 +5,7 @@ a JSONL log. Names are namespaced (`losses/policy`, `time/generate`); Ray's name
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,21 @@ def metric_role(name: str) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, run_name: str) -> None:
+    def __init__(self, run_dir: Path, run_name: str, resumed_at: int = 0) -> None:
+        """`resumed_at`: the iteration of the checkpoint a run continues from (0: none). What an earlier attempt
+        logged after it is dropped from metrics.jsonl and TensorBoard, so each iteration is there once, as this run
+        trains it."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_name = run_name
         self.jsonl_path = run_dir / "metrics.jsonl"
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if self.jsonl_path.exists():
+            kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["iteration"] <= resumed_at]
+            partial = self.jsonl_path.with_name(self.jsonl_path.name + ".partial")
+            partial.write_text("".join(kept))
+            os.replace(partial, self.jsonl_path)
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_at + 1)
         self.gauges: dict[str, Any] = {}
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:

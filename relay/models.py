@@ -28,6 +28,9 @@ from relay.batch import RolloutBatch
 from relay.config import Dtype, TinyModelSection
 
 ModelKind = Literal["causal_lm", "critic", "reward"]
+# For the processes that load and save models (learners, scorers, Ray Train workers): transformers' bars for every
+# load and save ("Loading weights", "Writing model shards") are read once at import, hence an environment variable.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +56,18 @@ def load_model(path: str, kind: ModelKind, dtype: Dtype, pad_token_id: int | Non
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout of `model` off: nn.Dropout layers and the probabilities attention layers keep as attributes.
+    PPO compares log-probs and values of train-mode passes with eval-mode ones (ratios, value clipping): dropout
+    would make them differ by noise, and its random draws would make a resumed run differ from an uninterrupted one."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def build_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
@@ -109,12 +124,23 @@ def response_values(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor
     return output.logits[:, query_length - 1 : -1, 0].float()
 
 
+def last_token_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A sequence-classification model's score [B] of each row, read at its last real token: the rightmost position
+    where attention_mask is 1. (transformers reads it at the rightmost token that is not pad_token_id, which skips
+    the final EOS whenever the pad token is the EOS token, as with Llama-3-style tokenizers.)"""
+    model = getattr(model, "module", model)  # a DeepSpeed engine's model
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # [B, L, H]
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(dims=[1]).float().argmax(dim=1)  # [B]
+    return model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])[:, 0].float()
+
+
 def sequence_scores(model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-    """A reward model's score [B] of each whole sequence, read at its last real token."""
-    output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    # transformers reads the score at the rightmost token that is not pad_token_id: with right-padded responses
-    # that is the response's last real token (load_model sets pad_token_id from the tokenizer).
-    return output.logits[:, 0].float()
+    """A reward model's score [B] of each whole sequence (prompt and response), read at its last real token."""
+    return last_token_scores(model, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
 @torch.no_grad()

@@ -51,9 +51,16 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
+def zero_padding(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` (as float32) where ``mask`` is 1, and 0 elsewhere. Selected with ``where``, not multiplied:
+    a NaN or inf in padding stays out (NaN * 0 is NaN), and so does its gradient when this is applied to the
+    inputs of a nonlinearity, before it can overflow in padding."""
+    return torch.where(mask.bool(), values.float(), 0.0)
+
+
 def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Sum of ``values`` where ``mask`` is 1: over everything ([]), or along ``dim``."""
-    masked = values.float() * mask
+    masked = zero_padding(values, mask)
     return masked.sum() if dim is None else masked.sum(dim=dim)
 
 
@@ -89,7 +96,7 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
     whitened = (values.float() - mean) * torch.rsqrt(masked_var(values, mask) + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return whitened * mask
+    return zero_padding(whitened, mask)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) -> Tensor:
@@ -127,7 +134,7 @@ def token_rewards(
     A row with no real tokens gets no reward anywhere (all zeros).
     """
     mask = response_mask.float()
-    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    kl = zero_padding(kl_penalty(zero_padding(logprobs, mask), zero_padding(ref_logprobs, mask), kl_estimator), mask)
     rewards = -kl_coef * kl
     lengths = mask.sum(dim=1).long()
     last = (lengths - 1).clamp(min=0).unsqueeze(1)
@@ -148,8 +155,8 @@ def gae(
     mask = response_mask.float()
     # Zeroed padding makes next_value at the last real token 0, and keeps the running
     # advantage at 0 while the scan crosses the padding.
-    rewards = rewards.float() * mask
-    values = values.float() * mask
+    rewards = zero_padding(rewards, mask)
+    values = zero_padding(values, mask)
     length = rewards.shape[1]
     next_value = torch.zeros_like(values[:, 0])
     running = torch.zeros_like(values[:, 0])
@@ -159,8 +166,8 @@ def gae(
         running = delta + gamma * lam * running
         advantages[:, t] = running
         next_value = values[:, t]
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    advantages = zero_padding(advantages, mask)
+    return advantages, zero_padding(advantages + values, mask)
 
 
 @dataclass(frozen=True)
@@ -186,8 +193,8 @@ def policy_loss(
     clipfrac is the fraction of real tokens where the clipped term is the larger one;
     approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)**2).
     """
-    advantages = advantages.float()
-    log_ratio = logprobs.float() - old_logprobs.float()
+    advantages = zero_padding(advantages, response_mask)
+    log_ratio = zero_padding(logprobs.float() - old_logprobs.float(), response_mask)  # exp() of padding stays 1
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
@@ -221,13 +228,13 @@ def value_loss(
     loss = 0.5 * masked_mean(max((values - returns)**2, (v_clipped - returns)**2)).
     With clip_range None: loss = 0.5 * masked_mean((values - returns)**2) and clipfrac 0.
     """
-    values = values.float()
-    returns = returns.float()
+    values = zero_padding(values, response_mask)
+    returns = zero_padding(returns, response_mask)
     unclipped = (values - returns) ** 2
     if clip_range is None:
         loss = 0.5 * masked_mean(unclipped, response_mask)
         return loss, ValueLossStats(clipfrac=torch.zeros((), device=values.device))
-    old_values = old_values.float()
+    old_values = zero_padding(old_values, response_mask)
     values_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     clipped = (values_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), response_mask)

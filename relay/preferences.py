@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from relay.data import check_messages, check_text, read_rows, tokenize_prompt
 from relay.data import render_chat as render_conversation
+from relay.models import last_token_scores
 from relay.tasks import Task
 
 
@@ -205,7 +206,7 @@ def collate_preferences(
 
 def pair_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen scores [B], rejected scores [B]) of a batch from collate_preferences."""
-    scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    scores = last_token_scores(model, batch["input_ids"], batch["attention_mask"])
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 

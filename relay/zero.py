@@ -10,12 +10,19 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-import deepspeed
 import torch
-from transformers import PreTrainedModel
+
+# Without a GPU, DeepSpeed warns "Setting accelerator to CPU" in every process that imports it; naming the
+# accelerator it would pick anyway keeps that line out of the log.
+if torch.cuda.device_count() == 0:  # NVML, so no CUDA context before a fork
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
 
 from relay.config import Dtype
-from relay.models import ModelKind, load_model
+from relay.models import ModelKind, disable_dropout, load_model
+from relay.storage import publish_directory
 
 
 def deepspeed_config(
@@ -60,16 +67,22 @@ def init_distributed() -> None:
 
 
 def load_for_training(
-    path: str, kind: ModelKind, ds_config: dict[str, Any], dtype: Dtype, pad_token_id: int | None = None
+    path: str, kind: ModelKind, ds_config: dict[str, Any], dtype: Dtype, pad_token_id: int | None = None,
+    dropout: bool = False,
 ) -> PreTrainedModel:
-    """Load weights; under ZeRO-3 they are partitioned as they load, so no rank ever holds the whole model."""
+    """Load weights; under ZeRO-3 they are partitioned as they load, so no rank ever holds the whole model.
+    Dropout is switched off unless `dropout` (see relay.models.disable_dropout)."""
     if ds_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # transformers' from_pretrained enters deepspeed.zero.Init while this object is alive.
         hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841
-        return load_model(path, kind, dtype, pad_token_id)
-    return load_model(path, kind, dtype, pad_token_id)
+        model = load_model(path, kind, dtype, pad_token_id)
+    else:
+        model = load_model(path, kind, dtype, pad_token_id)
+    if not dropout:
+        disable_dropout(model)
+    return model
 
 
 def init_engine(
@@ -112,8 +125,4 @@ def save_pretrained(model: PreTrainedModel, tokenizer: Any, zero_stage: int, ran
     partial = path.with_name(path.name + ".partial")
     model.save_pretrained(partial, state_dict=state)
     tokenizer.save_pretrained(partial)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    partial.rename(path)
+    publish_directory(partial, path)

@@ -17,29 +17,30 @@ from relay.config import RelayConfig, load_config
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 
 
+# The demo config cut down to seconds: few prompts, short responses, no warm start.
+TINY_RUN_OVERRIDES = [
+    "run.iterations=2",
+    "run.eval_every=0",
+    "run.checkpoint_every=0",
+    "data.train_prompts=256",
+    "data.prompts_per_iteration=8",
+    "data.eval_prompts=8",
+    "data.eval_samples_per_prompt=2",
+    "rollout.samples_per_prompt=2",
+    "rollout.max_new_tokens=8",
+    "policy.micro_batch_size=4",
+    "critic.micro_batch_size=4",
+    "ppo.mini_batches=1",
+    "warm_start=null",
+]
+
+
+def tiny_run_overrides(output_dir: Path, *overrides: str) -> list[str]:
+    return [f"run.output_dir={output_dir}", f"run.name={Path(output_dir).name}", *TINY_RUN_OVERRIDES, *overrides]
+
+
 def tiny_run_config(output_dir: Path, *overrides: str) -> RelayConfig:
-    """The demo config cut down to seconds: few prompts, short responses, a short warm start."""
-    return load_config(
-        DEMO_CONFIG,
-        [
-            f"run.output_dir={output_dir}",
-            f"run.name={Path(output_dir).name}",
-            "run.iterations=2",
-            "run.eval_every=0",
-            "run.checkpoint_every=0",
-            "data.train_prompts=256",
-            "data.prompts_per_iteration=8",
-            "data.eval_prompts=8",
-            "data.eval_samples_per_prompt=2",
-            "rollout.samples_per_prompt=2",
-            "rollout.max_new_tokens=8",
-            "policy.micro_batch_size=4",
-            "critic.micro_batch_size=4",
-            "ppo.mini_batches=1",
-            "warm_start=null",
-            *overrides,
-        ],
-    )
+    return load_config(DEMO_CONFIG, tiny_run_overrides(output_dir, *overrides))
 
 
 def pytest_collection_modifyitems(items):

@@ -16,6 +16,7 @@ from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet
 from jobs.ppo import PPOTrainer
 from relay import ppo
+from relay.batch import request_seeds
 from relay.data import tokenize_prompt
 from relay.models import load_tokenizer
 from relay.placement import role_placement
@@ -47,21 +48,25 @@ def make_batch(config, fleet, tiny_model):
     trainer = PPOTrainer(config)
     trainer.tokenizer = load_tokenizer(str(tiny_model))
     trainer.fleet = fleet
-    return trainer, trainer.generate([trainer.data.train.get(i) for i in range(8)], samples_per_prompt=2, seed=7)
+    return trainer, trainer.generate([trainer.data.train.get(i) for i in range(8)], samples_per_prompt=2, seed=7,
+                                     iteration=1)
 
 
 def test_fleet_splits_prompts_and_returns_each_once_in_order(setup, tiny_model):
     config, fleet, _ = setup
     tokenizer = load_tokenizer(str(tiny_model))
     prompts = [[*tokenize_prompt(tokenizer, f"{n:0{3 + n % 3}d}=")] for n in range(7)]  # 7 prompts over 2 workers
-    split = fleet.generate(prompts, samples_per_prompt=1, temperature=0.0, seed=0)
-    # The same prompts on worker 0 alone: greedy decoding makes the answers comparable prompt by prompt.
-    alone = ray.get(fleet.workers[0].generate.remote(prompts, 1, 0.0, 0))
-    assert len(split) == len(prompts)
+    seeds = request_seeds(0, 1, len(prompts))
+    # Sampled at temperature 1: each prompt's seed decides its samples, whichever engine serves it, so the fleet's
+    # split answers exactly as worker 0 alone does, prompt by prompt.
+    split = fleet.generate(prompts, samples_per_prompt=3, temperature=1.0, seeds=seeds)
+    alone = ray.get(fleet.workers[0].generate.remote(prompts, 3, 1.0, seeds))
+    assert len(split) == len(prompts) and [len(samples) for samples in split] == [3] * len(prompts)
     assert [[s.token_ids for s in samples] for samples in split] == [[s.token_ids for s in samples] for samples in alone]
-    sampled = fleet.generate(prompts, samples_per_prompt=3, temperature=1.0, seed=0)
-    assert [len(samples) for samples in sampled] == [3] * len(prompts)
-    assert all(len(s.logprobs) == len(s.token_ids) > 0 for samples in sampled for s in samples)
+    assert all(len(s.logprobs) == len(s.token_ids) > 0 for samples in split for s in samples)
+    # Other seeds draw other samples (a prompt's 3 samples are not all the same either).
+    again = fleet.generate(prompts, samples_per_prompt=3, temperature=1.0, seeds=request_seeds(0, 2, len(prompts)))
+    assert [[s.token_ids for s in samples] for samples in again] != [[s.token_ids for s in samples] for samples in split]
 
 
 def greedy_hf(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
@@ -75,7 +80,7 @@ def greedy_hf(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def greedy_vllm(worker, prompts: list[list[int]]) -> list[list[int]]:
-    return [samples[0].token_ids for samples in ray.get(worker.generate.remote(prompts, 1, 0.0, 0))]
+    return [samples[0].token_ids for samples in ray.get(worker.generate.remote(prompts, 1, 0.0, [0] * len(prompts)))]
 
 
 def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model):

@@ -2,7 +2,7 @@ import random
 
 import torch
 
-from relay.batch import RolloutBatch, pad_left, pad_right
+from relay.batch import RolloutBatch, pad_left, pad_right, request_seeds
 from relay.data import IGNORE_INDEX, collate_sft, tokenize_sft_example
 from relay.models import build_tokenizer
 from relay.tasks import get_task, split_examples
@@ -36,6 +36,17 @@ def test_shards_concatenate_back_to_the_batch():
     assert shards[1].policy_version == 3
     picked = batch.select(torch.tensor([1, 0]))
     assert picked.prompts == ["b", "a"] and picked.response_ids[0, 0].item() == 9
+    # Over more ranks than rows: the first ranks take one row each, the last none; nothing lost or doubled.
+    uneven = [batch.shard(rank, 3) for rank in range(3)]
+    assert [len(shard) for shard in uneven] == [1, 1, 0]
+    assert sum((shard.prompts for shard in uneven), []) == ["a", "b"]
+
+
+def test_request_seeds_depend_on_run_seed_iteration_and_prompt_index_only():
+    seeds = request_seeds(0, 1, 64)
+    assert seeds == request_seeds(0, 1, 64) and seeds[:10] == request_seeds(0, 1, 10)  # not on the batch size
+    assert len(set(seeds + request_seeds(0, 2, 64) + request_seeds(1, 1, 64))) == 3 * 64  # no two alike
+    assert all(0 <= seed < 2**63 for seed in seeds)
 
 
 def test_sft_loss_only_on_response_tokens():

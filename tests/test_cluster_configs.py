@@ -260,6 +260,16 @@ def test_rayjob_entrypoint_config_exists_and_validates(rayjob):
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
 
 
+def test_rayjob_retries_a_failed_driver_which_resumes_from_the_shared_volume(rayjob):
+    config = load_config(rayjob_config_path(rayjob))
+    assert rayjob["spec"]["backoffLimit"] >= 1
+    assert config.run.resume == "auto" and config.run.checkpoint_every > 0
+    mounts = {mount["mountPath"] for group in [rayjob["spec"]["rayClusterSpec"]["headGroupSpec"],
+                                               *rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+              for container in group["template"]["spec"]["containers"] for mount in container.get("volumeMounts", [])}
+    assert any(config.run.output_dir.startswith(mount + "/") for mount in mounts), (config.run.output_dir, mounts)
+
+
 def test_rayjob_runtime_env_is_valid_and_brings_pyprojects_dependencies(rayjob):
     from ray.runtime_env import RuntimeEnv
 

@@ -73,6 +73,22 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
     assert resumed["eval_score_before"] == summary["eval_score_before"]
     assert latest_checkpoint(run_dir).name == "iter_000003"
 
+    # Exact resume: the same 3 iterations without the interruption give bitwise the same numbers (all but the
+    # timings, and the evaluation the first run made at its last iteration, 2) and the same final weights.
+    straight_dir = tmp_path.parent / (tmp_path.name + "-straight")
+    straight = run(tiny_run_config(straight_dir, *overrides, "run.iterations=3"))
+    assert straight["eval_score_after"] == resumed["eval_score_after"]
+
+    def numbers(row):
+        return {name: value for name, value in row.items()
+                if not name.startswith(("time/", "perf/tokens_per_s", "eval/"))}
+
+    assert [numbers(row) for row in read_metrics(straight_dir / "metrics.jsonl")] == [
+        numbers(row) for row in read_metrics(run_dir / "metrics.jsonl")]
+    final_straight = AutoModelForCausalLM.from_pretrained(straight_dir / "policy").state_dict()
+    final_resumed = AutoModelForCausalLM.from_pretrained(run_dir / "policy").state_dict()
+    assert all(torch.equal(final_straight[name], final_resumed[name]) for name in final_straight)
+
 
 def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_path):
     import pyarrow as pa
@@ -111,3 +127,40 @@ def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_p
     assert resumed["samples"] == 3 * 8 * 2
     state = json.loads((latest_checkpoint(run_dir) / "driver_state.json").read_text())
     assert (state["data_epoch"], state["data_cursor"]) == (0, 24)  # the data position went on from the checkpoint
+
+
+def test_sigterm_checkpoints_the_last_iteration_and_the_run_resumes_from_it(tmp_path):
+    """As `relay stop` or a preempted node ends a job: the driver gets SIGTERM, checkpoints, exits 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import DEMO_CONFIG, tiny_run_overrides
+    from tests.live_ray import wait_for
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "jobs.ppo", "--config", str(DEMO_CONFIG),
+               *tiny_run_overrides(run_dir, "run.iterations=100000", "ray.local_num_cpus=4")]
+    root = DEMO_CONFIG.parents[2]
+    log = (tmp_path / "driver.log").open("w+")
+    driver = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"})
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        wait_for(lambda: driver.poll() is None and metrics.exists() and len(read_metrics(metrics)) >= 2, 300,
+                 "two iterations", interval_s=1)
+        driver.send_signal(signal.SIGTERM)
+        returncode = driver.wait(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    log.seek(0)
+    output = log.read()
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]["iteration"]
+    assert f"stopped by SIGTERM after iteration {last}" in output
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint.name == f"iter_{last:06d}"
+    assert json.loads((checkpoint / "driver_state.json").read_text())["samples"] == last * 8 * 2
+    assert not (run_dir / "summary.json").exists()  # stopped, not finished

@@ -44,6 +44,6 @@ def test_every_import_of_the_jobs_is_at_the_top_of_the_file():
         top_level = {id(node) for node in tree.body}
         nested = [node.lineno for node in ast.walk(tree)
                   if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top_level
-                  and any((node.module or "").startswith(prefix) or any(a.name.startswith(prefix) for a in node.names)
+                  and any((getattr(node, "module", None) or "").startswith(prefix) or any(a.name.startswith(prefix) for a in node.names)
                           for prefix in ("jobs", "actors", "relay"))]
         assert nested == [], f"{path.relative_to(ROOT)}: function-local imports of relay code at lines {nested}"

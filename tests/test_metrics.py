@@ -29,3 +29,22 @@ def test_iteration_line_is_one_readable_line():
     assert "\n" not in line
     assert line == ("iteration 3/10 | reward 0.500 | kl 0.250 | entropy 1.000 | clipfrac 0.125 | rollout workers 2"
                     " (+1 pending) | generate 0.50s train 1.00s | eval 0.750")
+
+
+def test_a_resumed_run_logs_each_iteration_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLogger(tmp_path, run_name="unit")
+    for iteration in (1, 2, 3, 4):  # the first attempt got to 4; its newest checkpoint is at 2
+        first.log(iteration, {"reward/mean": float(iteration)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, run_name="unit", resumed_at=2)
+    for iteration in (3, 4):
+        resumed.log(iteration, {"reward/mean": 10.0 * iteration})
+    resumed.close()
+    assert [(row["iteration"], row["reward/mean"]) for row in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("reward/mean")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]

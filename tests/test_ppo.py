@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from relay import ppo
 from relay.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -326,3 +327,26 @@ def test_kl_controllers_state_round_trip():
     other = FixedKLController(kl_coef=0.0)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.05
+
+
+def test_nan_and_inf_in_padding_reach_no_output_and_no_gradient():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    poison = torch.tensor([[0.0, 0.0, float("nan")], [0.0, float("inf"), float("-inf")]])
+    logprobs = (torch.full((2, 3), -1.0) + poison).requires_grad_()
+    old = torch.full((2, 3), -1.2) + poison  # inf - inf: NaN in padding
+    advantages = torch.tensor([[1.0, -1.0, float("nan")], [0.5, float("inf"), 0.0]])
+    loss, stats = ppo.policy_loss(logprobs, old, advantages, mask, clip_ratio=0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(stats.approx_kl) and torch.isfinite(stats.clipfrac)
+    assert torch.isfinite(logprobs.grad).all() and (logprobs.grad[mask == 0] == 0).all()
+
+    values = (torch.zeros(2, 3) + poison).requires_grad_()
+    value_loss, _ = ppo.value_loss(values, torch.zeros(2, 3) + poison, torch.ones(2, 3) + poison, mask, 0.2)
+    value_loss.backward()
+    assert torch.isfinite(value_loss) and torch.isfinite(values.grad).all()
+
+    rewards, kl = ppo.token_rewards(torch.tensor([1.0, 2.0]), torch.zeros(2, 3) + poison, torch.zeros(2, 3) - poison,
+                                    mask, kl_coef=0.1, kl_estimator="k3")
+    advantages_out, returns = ppo.gae(rewards, torch.zeros(2, 3) + poison, mask, gamma=1.0, lam=0.95)
+    for tensor in (rewards, kl, advantages_out, returns, ppo.masked_whiten(advantages + poison, mask)):
+        assert torch.isfinite(tensor).all() and (tensor[mask == 0] == 0).all()

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 import ray.train
+import torch
 from ray.train import Checkpoint, LoggingConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from relay.config import Dtype, RelayConfig, Resources
 from actors.group import free_port
 from relay.models import QUIET_ENV, ModelKind, build_tiny_model, load_tokenizer
+from relay.placement import resource_shortfall
 from relay.prompts import data_alphabet
 from relay.zero import deepspeed_config, init_distributed, init_engine, load_for_training, save_pretrained
 
@@ -49,6 +51,40 @@ def connect_ray(config: RelayConfig) -> None:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+
+def check_output_dir(path: Path) -> None:
+    """`path` is, or can be made, a writable directory: tried for real (permission bits do not stop root)."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"run.output_dir {path}: {existing} is a file, not a directory")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise ValueError(f"run.output_dir {path}: cannot write in {existing} ({error.strerror})") from None
+
+
+def check_device(config: RelayConfig) -> None:
+    """`device: cuda` on a local Ray instance needs a GPU on this machine (a cluster's are checked once joined)."""
+    on_a_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+    if config.device == "cuda" and not on_a_cluster and not torch.cuda.is_available():
+        raise ValueError("device: cuda, but this machine has no GPU that torch can see, and no Ray cluster is named "
+                         "(ray.address or RAY_ADDRESS) to run on; use device: cpu or a GPU machine")
+
+
+def check_cluster_resources(config: RelayConfig) -> None:
+    """Once connected: a local instance that cannot hold the run fails now, naming the roles; on a cluster, which may
+    autoscale, the run says what it will wait for."""
+    shortfall = resource_shortfall(config, ray.cluster_resources())
+    if shortfall is None:
+        return
+    if config.ray.address or os.environ.get("RAY_ADDRESS"):
+        print(f"waiting for resources: {shortfall}; the run starts when the cluster (or its autoscaler) has them",
+              flush=True)
+        return
+    raise ValueError(f"{shortfall}; give the local Ray more (ray.local_num_cpus) or the roles less (*.resources)")
 
 
 def resolve_model_path(name_or_path: str) -> str:

@@ -33,12 +33,19 @@ from actors.learner import Learner
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet, Sample
-from jobs.common import connect_ray, prepare_base_model, resolve_model_path
+from jobs.common import (
+    check_cluster_resources,
+    check_device,
+    check_output_dir,
+    connect_ray,
+    prepare_base_model,
+    resolve_model_path,
+)
 from jobs.reward_model import run_reward_model_training
 from jobs.sft import run_warm_start
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right, request_seeds
-from relay.config import RelayConfig, config_from_command_line, dump_config
+from relay.config import RelayConfig, config_from_command_line, dump_config, load_config
 from relay.metrics import MetricsLogger, plot_reward_curve
 from relay.models import build_tokenizer, load_tokenizer
 from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
@@ -80,7 +87,13 @@ class PPOTrainer:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.run_dir = Path(config.run.output_dir).resolve()
-        # Tokenizer and prompts first, before Ray starts: a bad row or a missing file fails here, naming it.
+        # Everything that can be checked is checked here, before Ray starts and before the run directory is
+        # touched: the device, the run directory and a run it would resume, the reward, the tokenizer, the prompts.
+        check_device(config)
+        check_output_dir(self.run_dir)
+        check_resumable(config, self.run_dir)
+        if config.reward.type != "model":
+            build_reward_source(config.reward, task_of(config.data), config.data.task)  # imports reward.function
         self.tokenizer = initial_tokenizer(config)
         self.data = load_prompt_data(config, self.tokenizer)
         counts = self.data.counts
@@ -481,11 +494,48 @@ class PPOTrainer:
             del self.metrics
 
 
+# What a checkpoint's learner states are tied to: resuming with other values cannot load them.
+RESUME_FIXED = ("tiny_model", "policy.model", "critic.model", "policy.zero_stage", "critic.zero_stage",
+                "policy.resources", "critic.resources")
+
+
+def check_resumable(config: RelayConfig, run_dir: Path) -> None:
+    """A run directory with checkpoints is resumed (run.resume: auto) only by a config its checkpoints fit."""
+    saved_path = run_dir / "config.yaml"
+    if config.run.resume != "auto" or latest_checkpoint(run_dir) is None or not saved_path.exists():
+        return
+    saved, current = load_config(saved_path).model_dump(), config.model_dump()
+    for field in RESUME_FIXED:
+        for path, old, new in differences(field, lookup(saved, field), lookup(current, field)):
+            raise ValueError(
+                f"run.output_dir {run_dir} holds checkpoints of a run with {path} = {old!r}, and this config has "
+                f"{new!r}; they cannot resume it: put the old value back, or use a new run.output_dir (to start "
+                f"from its weights: policy.model={latest_checkpoint(run_dir) / 'policy'})"
+            )
+
+
+def lookup(tree: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def differences(path: str, old: object, new: object) -> Iterator[tuple[str, object, object]]:
+    """(dotted path, old, new) of each leaf where two config values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(old.keys() | new.keys()):
+            yield from differences(f"{path}.{key}", old.get(key), new.get(key))
+    elif old != new:
+        yield path, old, new
+
+
 def initial_tokenizer(config: RelayConfig) -> PreTrainedTokenizerBase:
     """The policy's tokenizer before any model is loaded: a tiny model's is built from the data's characters."""
     if config.tiny_model is not None:
         return build_tokenizer(data_alphabet(config))
     assert config.policy.model is not None
+    if config.policy.model.startswith(("/", "./", "../", "~")) and not Path(config.policy.model).expanduser().exists():
+        raise ValueError(f"policy.model {config.policy.model}: no such directory")
     try:
         return load_tokenizer(resolve_model_path(config.policy.model))
     except OSError as error:
@@ -557,6 +607,10 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.terminate_requested = True
 
     connect_ray(config)
+    try:
+        check_cluster_resources(config)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     signal.signal(signal.SIGTERM, on_sigterm)  # after ray.init, which installs a handler of its own that aborts
     try:
         return trainer.fit()

@@ -22,7 +22,15 @@ import ray
 import ray.train
 import torch
 
-from jobs.common import connect_ray, fit_on_ray_train, prepare_base_model, save_and_report, start_train_worker
+from jobs.common import (
+    check_device,
+    check_output_dir,
+    connect_ray,
+    fit_on_ray_train,
+    prepare_base_model,
+    save_and_report,
+    start_train_worker,
+)
 from relay.config import RelayConfig, RewardModelSection, config_from_command_line
 from relay.models import load_tokenizer
 from relay.preferences import (
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     if config.reward_model_training is None:
         sys.exit("the config has no reward_model_training section; nothing to train")
     run_dir = Path(config.run.output_dir)
+    try:
+        check_device(config)
+        check_output_dir(run_dir)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     run_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(config)
     try:

@@ -19,7 +19,15 @@ from typing import Any, Iterator
 import ray
 from ray.experimental import tqdm_ray
 
-from jobs.common import connect_ray, fit_on_ray_train, prepare_base_model, save_and_report, start_train_worker
+from jobs.common import (
+    check_device,
+    check_output_dir,
+    connect_ray,
+    fit_on_ray_train,
+    prepare_base_model,
+    save_and_report,
+    start_train_worker,
+)
 from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
 from relay.data import IGNORE_INDEX, collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
@@ -138,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     if config.warm_start is None:
         sys.exit("the config has no warm_start section; nothing to train")
     run_dir = Path(config.run.output_dir)
+    try:
+        check_device(config)
+        check_output_dir(run_dir)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     run_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(config)
     try:

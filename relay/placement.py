@@ -98,3 +98,30 @@ def run_placement_groups(config: RelayConfig) -> list[tuple[Strategy, list[dict[
         if not placement.colocated:
             groups.append((placement.strategy, placement.bundles))
     return groups
+
+
+def resource_shortfall(config: RelayConfig, available: dict[str, float]) -> str | None:
+    """What the run's placement groups need beyond `available` (Ray's cluster resources), role by role, or None."""
+    engine = engine_placement(config)
+    needs = {f"{config.rollout.num_workers} rollout engine(s)": _totals([engine.bundles] * config.rollout.num_workers)}
+    for role in ("policy", "critic", "reference", "reward"):
+        placement = role_placement(config, role)
+        if not placement.colocated:
+            needs[role] = _totals([placement.bundles])
+    total = _totals([[need] for need in needs.values()])
+    short = [kind for kind in ("CPU", "GPU") if total.get(kind, 0.0) > available.get(kind, 0.0) + 1e-9]
+    if not short:
+        return None
+    parts = ", ".join(f"{name} {', '.join(f'{need.get(kind, 0.0):g} {kind}' for kind in short)}"
+                      for name, need in needs.items())
+    has = ", ".join(f"{available.get(kind, 0.0):g} {kind}" for kind in short)
+    return f"the run needs {', '.join(f'{total.get(kind, 0.0):g} {kind}' for kind in short)} ({parts}); the cluster has {has}"
+
+
+def _totals(groups: list[list[dict[str, float]]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for bundles in groups:
+        for item in bundles:
+            for kind, amount in item.items():
+                totals[kind] = totals.get(kind, 0.0) + amount
+    return totals

@@ -119,7 +119,11 @@ def build_reward_source(section: RewardSection, task: Task | None, task_name: st
     if section.type == "rules":
         return RuleReward(section.rules)
     if section.function:
-        return FunctionReward(load_object(section.function, "reward.function"), name=section.function)
+        function = load_object(section.function, "reward.function")
+        if not callable(function):
+            raise ValueError(f"reward.function {section.function!r} is a {type(function).__name__}, not a function "
+                             "(prompts, responses, metadata) -> list[float]")
+        return FunctionReward(function, name=section.function)
     if task is None:
         raise ValueError("reward.type function without reward.function needs a task")
     return FunctionReward(task.reward, name=f"task {task_name or task.name}")

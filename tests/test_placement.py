@@ -49,3 +49,28 @@ def test_colocated_scorers_share_the_policy_gpus_and_a_function_reward_takes_non
     assert policy.bundles == [{"CPU": 3.5, "GPU": 1.0}] * 4 and policy.gpus_per_rank == 0.5
     assert role_placement(with_model, "reward").gpus_per_rank == COLOCATED_GPU_SHARE
     assert len(run_placement_groups(with_model)) == 3
+
+
+def test_resource_shortfall_names_each_role_and_what_the_cluster_has():
+    from relay.placement import resource_shortfall
+
+    config = load_config(DEMO_CONFIG)
+    assert resource_shortfall(config, {"CPU": 2.0}) is None  # demo.yaml fits a 2-CPU machine (1.5 CPUs)
+    assert resource_shortfall(config, {"CPU": 1.0}) == (
+        "the run needs 1.5 CPU (1 rollout engine(s) 0.4 CPU, policy 0.4 CPU, critic 0.4 CPU, reference 0.2 CPU, "
+        "reward 0.1 CPU); the cluster has 1 CPU")
+    gpu = load_config(DEMO_CONFIG, ["device=cuda", "warm_start=null", "policy.resources.gpus_per_node=1",
+                                    "critic.resources.gpus_per_node=1", "reference.resources.gpus_per_node=1"])
+    assert resource_shortfall(gpu, {"CPU": 8.0}).startswith("the run needs 4 GPU (1 rollout engine(s) 1 GPU, policy")
+
+
+def test_an_output_dir_under_a_file_is_refused(tmp_path):
+    import pytest
+
+    from jobs.common import check_output_dir
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"afile is a file, not a directory"):
+        check_output_dir(tmp_path / "afile" / "run")
+    check_output_dir(tmp_path / "new" / "run")  # creatable: fine, and nothing is created by the check
+    assert not (tmp_path / "new").exists()

@@ -22,6 +22,10 @@ from relay.zero import deepspeed_config, full_state_dict, init_distributed, init
 Role = Literal["policy", "critic"]
 
 
+class NonFiniteLoss(RuntimeError):
+    """More micro-batches had a non-finite loss than run.max_nonfinite_steps allows."""
+
+
 class Learner:
     def __init__(self, role: Role, config: RelayConfig, model_path: str, rank: int, world_size: int) -> None:
         self.role = role
@@ -31,6 +35,8 @@ class Learner:
         self.temperature = config.rollout.temperature
         self.seed = config.run.seed
         self.section = config.policy if role == "policy" else config.critic
+        self.max_nonfinite = config.run.max_nonfinite_steps
+        self.nonfinite_micro_batches = 0
         init_distributed()
         torch.manual_seed(self.seed + rank)
 
@@ -82,12 +88,22 @@ class Learner:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
         mini_batch_rows = len(shard) // self.ppo.mini_batches  # the config checks that both divide evenly
         totals: dict[str, float] = {}
-        count = 0
+        count = skipped = 0
         for _ in range(self.ppo.ppo_epochs):
             for mini_batch in torch.randperm(len(shard), generator=generator).split(mini_batch_rows):
                 micro_batches = mini_batch.split(self.section.micro_batch_size)
                 for position, rows in enumerate(micro_batches):
-                    loss, stats = self._loss(shard.select(rows).to(self.device))
+                    loss, stats, output = self._loss(shard.select(rows).to(self.device))
+                    if not torch.isfinite(loss):
+                        # Nothing trains on a non-finite loss: this micro-batch's gradient is exactly zero (through
+                        # the finite model output, so every rank and ZeRO stage keeps its step), and it is counted.
+                        skipped += 1
+                        self.nonfinite_micro_batches += 1
+                        if self.nonfinite_micro_batches > self.max_nonfinite:
+                            raise NonFiniteLoss(f"{self.role} learner rank {self.rank}: "
+                                                f"{self.nonfinite_micro_batches} micro-batches with a non-finite loss, "
+                                                f"more than run.max_nonfinite_steps={self.max_nonfinite}")
+                        loss, stats = (output * 0.0).sum(), {}
                     self.engine.backward(loss)
                     # DeepSpeed counts micro-steps itself and updates at its accumulation boundary: that must be
                     # this mini-batch's last micro-batch, or gradients would leak into the next step (or iteration).
@@ -99,10 +115,12 @@ class Learner:
                     self.engine.step()
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value
-                    count += 1
-        return {name: total / count for name, total in totals.items()}
+                    count += bool(stats)
+        means = {name: total / count for name, total in totals.items()}
+        return means | {f"losses/{self.role}_nonfinite": float(skipped)}
 
-    def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """(loss, its statistics, the model output it came from)."""
         mask = part.response_mask
         if self.role == "policy":
             logits = self._forward(part)
@@ -116,14 +134,14 @@ class Learner:
                 "losses/approx_kl": stats.approx_kl.item(),
                 "losses/clipfrac": stats.clipfrac.item(),
                 "policy/entropy": entropy.item(),
-            }
+            }, logits
         values = self._forward(part)
         loss, value_stats = ppo.value_loss(values, part.values, part.returns, mask, self.ppo.value_clip)
         return loss, {
             "losses/value": loss.item(),
             "critic/value_clipfrac": value_stats.clipfrac.item(),
             "critic/value_error": ppo.masked_mean((values.detach() - part.returns) ** 2, mask).item(),
-        }
+        }, values
 
     def local_parameter_count(self) -> int:
         """Parameter elements this rank holds (under ZeRO-3 its partition only)."""

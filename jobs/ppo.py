@@ -23,13 +23,13 @@ from typing import Iterator
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from actors.control import RunControl
 from actors.group import ActorGroup
-from actors.learner import Learner
+from actors.learner import Learner, NonFiniteLoss
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet, Sample
@@ -221,10 +221,10 @@ class PPOTrainer:
 
         # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values, rewards.
         with phase("score", metrics):
-            scored = {group.name: group.call("score", batch_ref)
-                      for group in (self.policy, self.reference, self.critic, self.reward)}
-            old_logprobs, ref_logprobs, values, raw_rewards = (torch.cat(self.wait(refs, f"{name} (score)"))
-                                                               for name, refs in scored.items())
+            scored = {group.name: group.call("score", batch_ref) for group in (self.policy, self.reference, self.critic)}
+            raw_rewards = self.score_rewards(batch, batch_ref, iteration)
+            old_logprobs, ref_logprobs, values = (torch.cat(self.wait(refs, f"{name} (score)"))
+                                                  for name, refs in scored.items())
             rewards = self.reward_normalizer(raw_rewards)
 
         # 4. Per-token rewards (−β·KL, plus the sequence reward on the last token), GAE, whitened advantages.
@@ -406,6 +406,22 @@ class PPOTrainer:
         log_line(f"stopped by SIGTERM after iteration {iteration}; its checkpoint is in {self.run_dir / 'checkpoints'}, "
                  "and the same command resumes from it")
         raise Terminated()
+
+    def score_rewards(self, batch: RolloutBatch, batch_ref: ray.ObjectRef, iteration: int) -> torch.Tensor:
+        """The reward actors' scores [B]. A reward that raises or is not finite stops the run: nothing trains on
+        it, and the samples it was asked to score are written to the run directory for a person to look at."""
+        try:
+            rewards = torch.cat(self.wait(self.reward.call("score", batch_ref), "reward (score)"))
+            if torch.isfinite(rewards).all():
+                return rewards
+            problem = f"the reward is not finite for {int((~torch.isfinite(rewards)).sum())} samples"
+        except RayTaskError as error:
+            problem = str(error.cause if error.cause is not None else error).strip().splitlines()[-1]
+        path = self.run_dir / f"reward_failure_iter_{iteration:06d}.jsonl"
+        write_atomic(path, "".join(json.dumps({"prompt": prompt, "response": response, "metadata": metadata},
+                                              default=str) + "\n"
+                                   for prompt, response, metadata in zip(batch.prompts, batch.responses, batch.metadata)))
+        raise RewardFailure(f"iteration {iteration}: {problem}; the batch's {len(batch)} samples are in {path}")
 
     def wait(self, refs: list[ray.ObjectRef], role: str) -> list:
         """`ray.get` with the run's deadline: a role that does not answer within run.call_timeout_s is named. The
@@ -589,7 +605,14 @@ def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -
 
 
 def mean_over_ranks(stats: list[dict[str, float]]) -> dict[str, float]:
-    return {name: sum(rank[name] for rank in stats) / len(stats) for name in stats[0]}
+    """Each statistic's mean over the ranks that report it (a rank whose micro-batches were all skipped has no loss)."""
+    names = dict.fromkeys(name for rank in stats for name in rank)
+    return {name: sum(values) / len(values) for name in names
+            if (values := [rank[name] for rank in stats if name in rank])}
+
+
+class RewardFailure(RuntimeError):
+    """The reward source raised, or gave a non-finite reward: the run stops rather than train on it."""
 
 
 class Terminated(Exception):
@@ -616,6 +639,12 @@ def main(argv: list[str] | None = None) -> dict:
         return trainer.fit()
     except Terminated:
         sys.exit(128 + signal.SIGTERM)
+    except RewardFailure as error:
+        sys.exit(f"error: {error}")
+    except RayTaskError as error:
+        if isinstance(error.cause, NonFiniteLoss):
+            sys.exit(f"error: {error.cause}")
+        raise
     finally:
         trainer.shutdown()
 

@@ -108,7 +108,9 @@ class RewardSection(InferenceSection):
     rules: list[RewardRule] = Field(default_factory=list, description="type rules: their weighted sum")
     url: str | None = Field(None, description="type remote: POST {prompts, responses, metadata} -> {rewards}")
     timeout_s: float = Field(30.0, gt=0, description="type remote: seconds per request")
-    max_attempts: int = Field(3, ge=1, description="type remote: attempts per request before the run fails")
+    outage_budget_s: float = Field(
+        300.0, ge=0, description="type remote: how long the endpoint may be down (retried) before the run fails"
+    )
     request_batch_size: int | None = Field(None, ge=1, description="type remote: responses per request")
     normalize: bool = Field(False, description="whiten sequence rewards with running mean/std over the run")
     clip: float | None = Field(None, gt=0, description="clip sequence rewards to [-clip, clip] (after normalizing)")
@@ -236,6 +238,9 @@ class RunSection(Section):
         10, ge=0, description="checkpoint every N iterations (0: only at the end); restarts resume from the newest"
     )
     max_restarts: int = Field(2, ge=0, description="restarts of every role from the newest checkpoint when one dies")
+    max_nonfinite_steps: int = Field(
+        10, ge=0, description="micro-batches with a non-finite loss skipped (zero gradient) before the run stops"
+    )
     stop_grace_s: int = Field(
         300, ge=3, description="relay submit: how long `relay stop` lets the driver checkpoint before Ray kills it"
     )

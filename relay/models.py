@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from relay.batch import RolloutBatch
 from relay.config import Dtype, TinyModelSection
@@ -52,7 +53,14 @@ def load_model(path: str, kind: ModelKind, dtype: Dtype, pad_token_id: int | Non
     if kind == "causal_lm":
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype_)
     model_class = AutoModelForTokenClassification if kind == "critic" else AutoModelForSequenceClassification
-    model = model_class.from_pretrained(path, num_labels=1, dtype=dtype_)
+    # Starting a critic or reward model from a causal LM drops its lm_head and adds a fresh score head, as meant;
+    # transformers reports that as a warning table in every rank's log.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = model_class.from_pretrained(path, num_labels=1, dtype=dtype_)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
@@ -103,7 +111,11 @@ def build_tiny_model(section: TinyModelSection, alphabet: str, path: Path, seed:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     partial = path.with_name(path.name + ".partial")
-    model.save_pretrained(partial)
+    hf_logging.disable_progress_bar()  # a bar for a one-shard save
+    try:
+        model.save_pretrained(partial)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(partial)
     model.generation_config.save_pretrained(partial)
     partial.rename(path)

@@ -8,6 +8,7 @@ the same contract: one finite number per response, or an error that names the so
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import numbers
@@ -114,7 +115,7 @@ def build_reward_source(section: RewardSection, task: Task | None, task_name: st
     `reward.url`, or the task's own reward (type function without a function). Reward models are scored by actors."""
     if section.type == "remote":
         assert section.url is not None
-        return RemoteReward(section.url, timeout_s=section.timeout_s, max_attempts=section.max_attempts,
+        return RemoteReward(section.url, timeout_s=section.timeout_s, outage_budget_s=section.outage_budget_s,
                             batch_size=section.request_batch_size)
     if section.type == "rules":
         return RuleReward(section.rules)
@@ -127,6 +128,9 @@ def build_reward_source(section: RewardSection, task: Task | None, task_name: st
     if task is None:
         raise ValueError("reward.type function without reward.function needs a task")
     return FunctionReward(task.reward, name=f"task {task_name or task.name}")
+
+
+MAX_BACKOFF_S = 30.0  # the longest pause between two attempts to reach a reward endpoint
 
 
 class RemoteRewardError(RuntimeError):
@@ -145,16 +149,17 @@ class RemoteReward:
         {"rewards": [float, ...]}                                                      # [b], in request order
 
     Metadata must be JSON-serializable. Connection errors, timeouts (`timeout_s` for connecting and again for the
-    answer) and 5xx answers are retried after `backoff_s`, then twice that, and so on, for `max_attempts` attempts
-    in all (1: no retry). A 4xx answer is the request's fault and fails at once, as does an answer that does not
-    follow the protocol. Every failure raises RemoteRewardError naming the URL.
+    answer) and 5xx answers are an outage: the same request is sent again after `backoff_s`, then twice that, and
+    so on (at most MAX_BACKOFF_S apart), for as long as the outage lasts within `outage_budget_s` (0: no retry).
+    A 4xx answer is the request's fault and fails at once, as does an answer that does not follow the protocol.
+    Every failure raises RemoteRewardError naming the URL.
     """
 
     def __init__(
         self,
         url: str,
         timeout_s: float = 30.0,
-        max_attempts: int = 3,
+        outage_budget_s: float = 300.0,
         backoff_s: float = 1.0,
         batch_size: int | None = None,
     ) -> None:
@@ -163,15 +168,15 @@ class RemoteReward:
             raise ValueError(f"reward endpoint {url!r} is not an http:// or https:// URL")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts counts attempts in all and must be >= 1, got {max_attempts}")
+        if outage_budget_s < 0:
+            raise ValueError(f"outage_budget_s must be >= 0, got {outage_budget_s}")
         if backoff_s < 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
         self.url = url
         self.timeout_s = timeout_s
-        self.max_attempts = max_attempts
+        self.outage_budget_s = outage_budget_s
         self.backoff_s = backoff_s
         self.batch_size = batch_size
 
@@ -191,33 +196,36 @@ class RemoteReward:
         except TypeError as error:
             raise ValueError(f"metadata for reward endpoint {self.url} is not JSON-serializable ({error})") from None
         last_error = ""
-        for attempt in range(self.max_attempts):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        started, delay_s = time.monotonic(), self.backoff_s
+        for attempt in itertools.count(1):
             try:
                 answer = requests.post(
                     self.url, data=body, headers={"Content-Type": "application/json"}, timeout=self.timeout_s
                 )
             except requests.Timeout:
                 last_error = f"timed out after {self.timeout_s:g} s"
-                continue
             except requests.ConnectionError as error:
                 # requests wraps the socket's reason (e.g. "Connection refused") two layers deep.
                 reason = getattr(error.args[0], "reason", None) if error.args else None
                 last_error = f"cannot connect: {reason or error}"
-                continue
-            if answer.status_code >= 500:
+            else:
+                if answer.status_code < 400:
+                    return self._rewards_from(answer, len(responses))
+                if answer.status_code < 500:
+                    raise RemoteRewardError(
+                        f"reward endpoint {self.url} rejected the request with HTTP {answer.status_code}: "
+                        f"{_excerpt(answer.text)} (not retried: the same request would be rejected again)"
+                    )
                 last_error = f"HTTP {answer.status_code}: {_excerpt(answer.text)}"
-                continue
-            if answer.status_code >= 400:
+            down_s = time.monotonic() - started
+            if down_s + delay_s > self.outage_budget_s:
                 raise RemoteRewardError(
-                    f"reward endpoint {self.url} rejected the request with HTTP {answer.status_code}: "
-                    f"{_excerpt(answer.text)} (not retried: the same request would be rejected again)"
+                    f"reward endpoint {self.url} did not answer for {down_s:.1f} s, the outage budget "
+                    f"(reward.outage_budget_s={self.outage_budget_s:g}); {attempt} attempts, last error: {last_error}"
                 )
-            return self._rewards_from(answer, len(responses))
-        raise RemoteRewardError(
-            f"reward endpoint {self.url} did not answer after {self.max_attempts} attempts (last error: {last_error})"
-        )
+            time.sleep(delay_s)
+            delay_s = min(2 * delay_s, MAX_BACKOFF_S)
+        raise AssertionError("unreachable")
 
     def _rewards_from(self, answer: requests.Response, count: int) -> list[float]:
         try:

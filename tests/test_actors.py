@@ -119,6 +119,20 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
         assert before != expected
 
 
+def test_a_non_finite_loss_trains_nothing_and_is_counted(setup, tiny_model):
+    config, fleet, policy = setup
+    trainer, batch = make_batch(config, fleet, tiny_model)
+    mask = batch.response_mask
+    # Old log-probs of -1e4 make every ratio overflow to inf; with negative advantages the loss is +inf.
+    poisoned = replace(batch, old_logprobs=torch.full(mask.shape, -1e4), advantages=-torch.ones(mask.shape))
+    stats = policy.run("train", ray.put(poisoned), 2)
+    micro_batches_per_rank = config.ppo.ppo_epochs * (len(batch) // 2 // config.policy.micro_batch_size)
+    assert [rank["losses/policy_nonfinite"] for rank in stats] == [float(micro_batches_per_rank)] * 2
+    assert all("losses/policy" not in rank for rank in stats)  # no statistic of a skipped micro-batch
+    state, _ = ray.get(policy.call("full_weights"))
+    assert all(torch.isfinite(tensor).all() for tensor in state.values())
+
+
 def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, tiny_model, tmp_path):
     config = tiny_run_config(tmp_path)
     fleet = RolloutFleet(config, str(tiny_model))

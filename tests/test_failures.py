@@ -3,6 +3,7 @@ and a learner rank killed; every run still finishes with every batch complete: n
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -81,3 +82,20 @@ def test_a_killed_learner_rank_restarts_every_role_from_the_newest_checkpoint(ra
     # Iterations after the newest checkpoint were trained again after the restart, and logged once.
     check_every_batch_complete(config, iterations)
     assert summary["samples"] == config.samples_per_iteration * iterations
+
+
+def test_a_reward_that_is_not_finite_stops_the_run_and_keeps_the_samples(ray_session, tmp_path):
+    from jobs.ppo import RewardFailure
+
+    config = tiny_run_config(tmp_path, "reward.function=tests.user_reward:not_a_number")
+    trainer = PPOTrainer(config)
+    try:
+        with pytest.raises(RewardFailure, match=r"iteration 1: .*not_a_number returned nan for response 0") as raised:
+            trainer.fit()
+    finally:
+        trainer.shutdown()
+    [written] = tmp_path.glob("reward_failure_iter_000001.jsonl")
+    assert str(written) in str(raised.value)
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert len(rows) == config.samples_per_iteration and {"prompt", "response", "metadata"} <= rows[0].keys()
+    assert not (tmp_path / "metrics.jsonl").exists() or read_metrics(tmp_path / "metrics.jsonl") == []

@@ -13,3 +13,8 @@ def score(prompts: list[str], responses: list[str], metadata: list[dict[str, Any
         if row.get("source") != "exported":
             raise ValueError(f"the row's metadata did not reach the reward: {row}")
     return [float(response.strip() == row["answer"]) for response, row in zip(responses, metadata)]
+
+
+def not_a_number(prompts: list[str], responses: list[str], metadata: list[dict[str, Any]]) -> list[float]:
+    """A broken reward: NaN for every response."""
+    return [float("nan")] * len(responses)

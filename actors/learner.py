@@ -17,7 +17,15 @@ from relay import ppo
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
 from relay.models import load_tokenizer, response_logits, response_values, score_in_micro_batches
-from relay.zero import deepspeed_config, full_state_dict, init_distributed, init_engine, load_for_training, save_pretrained
+from relay.zero import (
+    deepspeed_config,
+    full_state_dict,
+    init_distributed,
+    init_engine,
+    load_for_training,
+    lr_scheduler,
+    save_pretrained,
+)
 
 Role = Literal["policy", "critic"]
 
@@ -31,7 +39,7 @@ class Learner:
         self.role = role
         self.rank = rank
         self.world_size = world_size
-        self.ppo = config.ppo
+        self.algorithm = config.algorithm
         self.temperature = config.rollout.temperature
         self.seed = config.run.seed
         self.section = config.policy if role == "policy" else config.critic
@@ -41,7 +49,7 @@ class Learner:
         torch.manual_seed(self.seed + rank)
 
         samples_per_rank = config.samples_per_iteration // world_size
-        micro_batches_per_step = samples_per_rank // (self.ppo.mini_batches * self.section.micro_batch_size)
+        micro_batches_per_step = samples_per_rank // (self.algorithm.mini_batches * self.section.micro_batch_size)
         self.ds_config = deepspeed_config(
             zero_stage=self.section.zero_stage,
             offload=self.section.offload,
@@ -51,6 +59,8 @@ class Learner:
             world_size=world_size,
             max_grad_norm=self.section.max_grad_norm,
             persistence_threshold=self.section.zero3_persistence_threshold,
+            scheduler=lr_scheduler(self.section, total_steps=config.run.iterations * self.algorithm.epochs
+                                   * self.algorithm.mini_batches),
         )
         self.tokenizer = load_tokenizer(model_path)
         kind = "causal_lm" if role == "policy" else "critic"
@@ -81,15 +91,15 @@ class Learner:
         return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)
 
     def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
-        """`ppo_epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer
+        """`algorithm.epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer
         step apiece (gradients accumulated over its micro-batches); returns mean statistics."""
         self.engine.train()
         shard = batch.shard(self.rank, self.world_size)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
-        mini_batch_rows = len(shard) // self.ppo.mini_batches  # the config checks that both divide evenly
+        mini_batch_rows = len(shard) // self.algorithm.mini_batches  # the config checks that both divide evenly
         totals: dict[str, float] = {}
         count = skipped = 0
-        for _ in range(self.ppo.ppo_epochs):
+        for _ in range(self.algorithm.epochs):
             for mini_batch in torch.randperm(len(shard), generator=generator).split(mini_batch_rows):
                 micro_batches = mini_batch.split(self.section.micro_batch_size)
                 for position, rows in enumerate(micro_batches):
@@ -117,7 +127,7 @@ class Learner:
                         totals[name] = totals.get(name, 0.0) + value
                     count += bool(stats)
         means = {name: total / count for name, total in totals.items()}
-        return means | {f"losses/{self.role}_nonfinite": float(skipped)}
+        return means | {f"losses/{self.role}_nonfinite": float(skipped), f"{self.role}/lr": self.engine.get_lr()[0]}
 
     def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """(loss, its statistics, the model output it came from)."""
@@ -125,18 +135,26 @@ class Learner:
         if self.role == "policy":
             logits = self._forward(part)
             logprobs = ppo.token_logprobs(logits, part.response_ids)
-            surrogate, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask, self.ppo.clip_ratio)
+            algorithm = self.algorithm
+            surrogate, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
+                                               algorithm.clip_ratio, algorithm.loss_aggregation)
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
-            loss = surrogate - self.ppo.entropy_coef * entropy if self.ppo.entropy_coef else surrogate
+            loss = surrogate - algorithm.entropy_coef * entropy if algorithm.entropy_coef else surrogate
+            extra = {}
+            if algorithm.kl_placement == "loss":
+                kl = ppo.kl_loss(logprobs, part.ref_logprobs, mask, algorithm.kl_estimator, algorithm.loss_aggregation)
+                loss = loss + algorithm.kl_coef * kl
+                extra["losses/kl_ref"] = kl.item()
             return loss, {
-                "losses/policy": surrogate.item(),  # the clipped surrogate alone, without the entropy bonus
+                "losses/policy": surrogate.item(),  # the clipped surrogate alone, without entropy bonus or KL term
                 "losses/policy_total": loss.item(),
                 "losses/approx_kl": stats.approx_kl.item(),
                 "losses/clipfrac": stats.clipfrac.item(),
                 "policy/entropy": entropy.item(),
+                **extra,
             }, logits
         values = self._forward(part)
-        loss, value_stats = ppo.value_loss(values, part.values, part.returns, mask, self.ppo.value_clip)
+        loss, value_stats = ppo.value_loss(values, part.values, part.returns, mask, self.algorithm.value_clip)
         return loss, {
             "losses/value": loss.item(),
             "critic/value_clipfrac": value_stats.clipfrac.item(),

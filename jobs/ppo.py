@@ -113,12 +113,12 @@ class PPOTrainer:
     def reset_state(self) -> None:
         """The driver's state as a new run starts it; a checkpoint, when there is one, then overwrites it."""
         config = self.config
-        self.state = DriverState(kl_coef=config.ppo.kl_coef)
+        self.state = DriverState(kl_coef=config.algorithm.kl_coef)
         self.reward_normalizer = RewardNormalizer(normalize=config.reward.normalize, clip=config.reward.clip)
         self.kl_controller: ppo.AdaptiveKLController | ppo.FixedKLController = (
-            ppo.AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
-            if config.ppo.kl_target is not None
-            else ppo.FixedKLController(config.ppo.kl_coef)
+            ppo.AdaptiveKLController(config.algorithm.kl_coef, config.algorithm.kl_target, config.algorithm.kl_horizon)
+            if config.algorithm.kl_target is not None
+            else ppo.FixedKLController(config.algorithm.kl_coef)
         )
 
     # ---------------------------------------------------------------- set-up
@@ -131,12 +131,13 @@ class PPOTrainer:
             policy_path, critic_path = self.start_fresh()
         self.place_roles(policy_path, critic_path)
         if checkpoint is not None:
-            self.wait(self.policy.call("load", str(checkpoint)) + self.critic.call("load", str(checkpoint)),
-                      "policy-learner, critic-learner (load)")
+            self.wait([ref for group in self.learners for ref in group.call("load", str(checkpoint))],
+                      "learners (load)")
         else:  # after placement: a reward model scores through its actors
             self.state.eval_score_before = self.evaluate()
             self.state.eval_points = [] if self.state.eval_score_before is None else [(0, self.state.eval_score_before)]
-        self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name, resumed_at=self.state.iteration)
+        self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name, resumed_at=self.state.iteration,
+                                     algorithm=self.config.algorithm.advantage)
         self.control = ray.remote(RunControl).options(
             name=control_actor_name(current_run_id(self.config.run.name)), namespace=CONTROL_NAMESPACE,
             num_cpus=0, get_if_exists=True,
@@ -196,20 +197,21 @@ class PPOTrainer:
         config, namespace = self.config, self.config.actor_namespace
         self.policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=namespace,
                                  role="policy", config=config, model_path=policy_path)
-        self.critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"), namespace=namespace,
-                                 role="critic", config=config, model_path=critic_path)
+        if config.algorithm.uses_critic:  # critic-free estimators get no critic actors, groups or checkpoints
+            self.critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"),
+                                     namespace=namespace, role="critic", config=config, model_path=critic_path)
         self.reference = ActorGroup(Reference, "reference", role_placement(config, "reference"), namespace=namespace,
                                     share_placement_group=self.policy.placement_group,
                                     config=config, model_path=self.state.reference_model)
         self.reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
                                  share_placement_group=self.policy.placement_group,
                                  config=config, model_path=self.state.reward_model)
-        for group in (self.policy, self.critic, self.reference, self.reward):  # built in parallel, awaited here
+        for group in (*self.learners, self.reference, self.reward):  # built in parallel, awaited here
             group.wait_ready()
 
     # ---------------------------------------------------------------- one PPO iteration
     def train_iteration(self, iteration: int) -> dict[str, float]:
-        config, metrics = self.config, {}
+        config, algorithm, metrics = self.config, self.config.algorithm, {}
 
         # 1. The next prompt batch (the cursor is checkpointed).
         examples = self.next_prompts()
@@ -219,31 +221,32 @@ class PPOTrainer:
             batch = self.generate(examples, config.rollout.samples_per_prompt, config.run.seed, iteration)
         batch_ref = ray.put(batch)
 
-        # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values, rewards.
+        # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values (with a critic),
+        #    rewards.
         with phase("score", metrics):
-            scored = {group.name: group.call("score", batch_ref) for group in (self.policy, self.reference, self.critic)}
+            scored = {group.name: group.call("score", batch_ref) for group in self.scorers}
             raw_rewards = self.score_rewards(batch, batch_ref, iteration)
-            old_logprobs, ref_logprobs, values = (torch.cat(self.wait(refs, f"{name} (score)"))
-                                                  for name, refs in scored.items())
+            old_logprobs, ref_logprobs, *critic_values = (torch.cat(self.wait(refs, f"{name} (score)"))
+                                                          for name, refs in scored.items())
+            values = critic_values[0] if critic_values else None
             rewards = self.reward_normalizer(raw_rewards)
 
-        # 4. Per-token rewards (−β·KL, plus the sequence reward on the last token), GAE, whitened advantages.
+        # 4. Per-token rewards (the sequence reward on the last token, and −β·KL on each when the KL is placed in
+        #    the reward), then the advantages of the configured estimator.
         with phase("advantages", metrics):
             mask = batch.response_mask
-            token_rewards, kl = ppo.token_rewards(rewards, old_logprobs, ref_logprobs, mask,
-                                                  self.kl_controller.value, config.ppo.kl_estimator)
-            advantages, returns = ppo.gae(token_rewards, values, mask, config.ppo.gamma, config.ppo.lam)
-            if config.ppo.whiten_advantages:
-                advantages = ppo.masked_whiten(advantages, mask)
+            kl_coef_in_reward = self.kl_controller.value if algorithm.kl_placement == "reward" else 0.0
+            token_rewards, kl = ppo.token_rewards(rewards, old_logprobs, ref_logprobs, mask, kl_coef_in_reward,
+                                                  algorithm.kl_estimator)
+            advantages, returns = self.advantages(token_rewards, values, mask)
             train_ref = ray.put(replace(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
                                         sequence_rewards=rewards, advantages=advantages, returns=returns))
 
-        # 5. PPO epochs: the policy (clipped surrogate) and the critic (clipped value loss), in parallel.
+        # 5. Training epochs: the policy (clipped surrogate) and the critic (clipped value loss), in parallel.
         with phase("train", metrics):
-            policy_stats = self.policy.call("train", train_ref, iteration)
-            critic_stats = self.critic.call("train", train_ref, iteration)
-            metrics |= (mean_over_ranks(self.wait(policy_stats, "policy-learner (train)"))
-                        | mean_over_ranks(self.wait(critic_stats, "critic-learner (train)")))
+            stats = {group.name: group.call("train", train_ref, iteration) for group in self.learners}
+            for name, refs in stats.items():
+                metrics |= mean_over_ranks(self.wait(refs, f"{name} (train)"))
 
         # 6. The new policy weights to every rollout worker (all learner ranks take part in the gather).
         with phase("sync", metrics):
@@ -268,11 +271,15 @@ class PPOTrainer:
             "policy/kl_coef": self.kl_controller.value,
             "policy/version": float(self.state.policy_version),
             "policy/sampler_logprob_gap": ppo.masked_mean((batch.sampler_logprobs - old_logprobs).abs(), mask).item(),
-            "critic/values_mean": ppo.masked_mean(values, mask).item(),
             "response/length_mean": response_tokens / len(batch),
             "perf/tokens_per_s": response_tokens / metrics["time/generate"],
             "perf/samples": float(self.state.samples),
         }
+        if values is not None:
+            metrics["critic/values_mean"] = ppo.masked_mean(values, mask).item()
+        if algorithm.advantage in ("grpo", "rloo"):
+            groups = ppo.zero_variance_groups(raw_rewards, config.rollout.samples_per_prompt)
+            metrics["reward/zero_variance_groups"] = groups.float().mean().item()  # prompts that taught nothing
         return metrics
 
     def next_prompts(self) -> list[Prompt]:
@@ -352,7 +359,9 @@ class PPOTrainer:
             print(f"{self.run_dir} is complete at iteration {self.state.iteration}; use a new run.output_dir to rerun")
             return json.loads(summary_path.read_text())
         # (A run whose final checkpoint was written but not its summary trains nothing more, and finishes below.)
-        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="PPO", unit="iter",
+        log_line(f"training from iteration {self.state.iteration + 1} to {config.run.iterations}: "
+                 f"{config.algorithm.describe()}")
+        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="train", unit="iter",
                         initial=self.state.iteration, total=config.run.iterations, disable=not sys.stdout.isatty())
         for iteration in progress:
             if self.terminate_requested:
@@ -407,6 +416,35 @@ class PPOTrainer:
                  "and the same command resumes from it")
         raise Terminated()
 
+    def advantages(self, token_rewards: torch.Tensor, values: torch.Tensor | None,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(advantages [B, Lr], returns [B, Lr] for the critic, or None without one) by algorithm.advantage."""
+        algorithm = self.config.algorithm
+        if algorithm.advantage == "gae":
+            assert values is not None
+            advantages, returns = ppo.gae(token_rewards, values, mask, algorithm.gamma, algorithm.lam)
+            return (ppo.masked_whiten(advantages, mask) if algorithm.whiten_advantages else advantages), returns
+        if algorithm.advantage == "reinforce_pp":
+            return ppo.reinforce_pp_advantages(token_rewards, mask, algorithm.gamma), None
+        # Group estimators compare whole responses: each one's reward (with −β·KL summed in, when it is placed in
+        # the reward) against the other samples of its prompt, then the same advantage on each of its tokens.
+        sequence_rewards = ppo.masked_sum(token_rewards, mask, dim=1)
+        group_size = self.config.rollout.samples_per_prompt
+        if algorithm.advantage == "grpo":
+            sequence_advantages = ppo.grpo_advantages(sequence_rewards, group_size, algorithm.norm_by_std)
+        else:
+            sequence_advantages = ppo.rloo_advantages(sequence_rewards, group_size)
+        return ppo.sequence_to_tokens(sequence_advantages, mask), None
+
+    @property
+    def learners(self) -> list[ActorGroup]:
+        return [self.policy, self.critic] if self.config.algorithm.uses_critic else [self.policy]
+
+    @property
+    def scorers(self) -> list[ActorGroup]:
+        """Who scores each batch besides the reward: in the order train_iteration unpacks them."""
+        return [self.policy, self.reference, *self.learners[1:]]
+
     def score_rewards(self, batch: RolloutBatch, batch_ref: ray.ObjectRef, iteration: int) -> torch.Tensor:
         """The reward actors' scores [B]. A reward that raises or is not finite stops the run: nothing trains on
         it, and the samples it was asked to score are written to the run directory for a person to look at."""
@@ -451,6 +489,7 @@ class PPOTrainer:
             "rollout_workers_active": [f"rollout-{member.index}" for member in self.fleet.active],
             "rollout_workers_pending": [f"rollout-{member.index}" for member in self.fleet.pending],
             "rollout_worker_failures": self.fleet.failures,
+            "algorithm": self.config.algorithm.describe(),
             "reward_mean": metrics.get("reward/mean"),
             "run_dir": str(self.run_dir),
         })
@@ -459,13 +498,13 @@ class PPOTrainer:
         return self.run_dir / "checkpoints" / f"iter_{iteration:06d}"
 
     def save_checkpoint(self, iteration: int) -> Path:
-        """Policy and critic (Hugging Face + DeepSpeed states) and the driver's state, written whole or not at all."""
+        """The learners (Hugging Face + DeepSpeed states) and the driver's state, written whole or not at all."""
         final = self.checkpoint_path(iteration)
         partial = final.with_name(final.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        self.wait(self.policy.call("save", str(partial.resolve())) + self.critic.call("save", str(partial.resolve())),
-                  "policy-learner, critic-learner (save)")
+        self.wait([ref for group in self.learners for ref in group.call("save", str(partial.resolve()))],
+                  "learners (save)")
         self.state.kl_coef = self.kl_controller.value
         self.state.reward_stats = self.reward_normalizer.state_dict()
         (partial / "driver_state.json").write_text(json.dumps(asdict(self.state), indent=1))

@@ -1,7 +1,7 @@
 """The `relay` command.
 
-    relay demo [--pipeline rlhf] [overrides]      the embedded default: local Ray, tiny model, warm start, PPO
-                                                  (rlhf: + a reward model from simulated preferences)
+    relay demo [--pipeline rlhf|grpo] [overrides] the embedded default: local Ray, tiny model, warm start, PPO
+                                                  (rlhf: + a reward model from simulated preferences; grpo: GRPO)
     relay train --config FILE [overrides]         PPO here (joins RAY_ADDRESS's cluster, else a local Ray)
     relay sft --config FILE [overrides]           the supervised warm start alone
     relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
@@ -25,7 +25,7 @@ from pathlib import Path
 import jobs
 
 DEMO_CONFIGS = {name: Path(jobs.__file__).parent / "configs" / f"{stem}.yaml"
-                for name, stem in (("ppo", "demo"), ("rlhf", "demo-rlhf"))}
+                for name, stem in (("ppo", "demo"), ("rlhf", "demo-rlhf"), ("grpo", "demo-grpo"))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the embedded default on this machine")
     demo.add_argument("--pipeline", choices=sorted(DEMO_CONFIGS), default="ppo",
-                      help="ppo: warm start + PPO on the task's reward; rlhf: + a learned reward model")
+                      help="ppo: warm start + PPO on the task's reward; rlhf: + a learned reward model; "
+                           "grpo: warm start + GRPO (no critic)")
     demo.add_argument("overrides", nargs="*", help="dotted.key=value")
     for name, text in (("train", "PPO (jobs/ppo.py)"), ("sft", "supervised warm start (jobs/sft.py)"),
                        ("reward-model", "Bradley-Terry reward model (jobs/reward_model.py)")):

@@ -1,6 +1,6 @@
 """One typed config tree for a relay run, loaded from YAML plus `dotted.key=value` overrides.
 
-    cfg = load_config("jobs/configs/demo.yaml", ["ppo.kl_coef=0.05", "rollout.num_workers=2"])
+    cfg = load_config("jobs/configs/demo.yaml", ["algorithm.kl_coef=0.05", "rollout.num_workers=2"])
 
 Every section forbids unknown keys, and every error names the field's dotted path, so a typo fails at load time,
 before any cluster resource is taken.
@@ -55,7 +55,11 @@ class TrainerSection(Section):
         100_000, ge=0, description="ZeRO-3 keeps parameters smaller than this unpartitioned (0: shard all)"
     )
     dtype: Dtype = "bfloat16"
-    learning_rate: float = Field(1e-6, gt=0)
+    learning_rate: float = Field(1e-6, gt=0, description="the peak rate, reached after the warm-up")
+    lr_warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up from 0")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after the warm-up: constant, or a linear or cosine decay to 0 at the run's end"
+    )
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     micro_batch_size: int = Field(4, ge=1, description="sequences per rank per forward/backward")
@@ -146,19 +150,49 @@ class RolloutSection(Section):
     max_failures: int = Field(10, ge=0, description="engine failures survived (each replaced) before the run stops")
 
 
-class PPOSection(Section):
-    kl_coef: float = Field(0.05, ge=0, description="β of the per-token KL penalty in the reward")
+class AlgorithmSection(Section):
+    """Every setting of the RL algorithm, in one place: the advantage estimator, the KL to the reference (its
+    estimator, coefficient and placement), clipping, epochs and how the loss is aggregated."""
+
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = Field(
+        "gae", description="gae: PPO with a critic; grpo, rloo: group baselines; reinforce_pp: batch-whitened returns"
+    )
+    norm_by_std: bool = Field(True, description="grpo: divide by the group's reward std (false: Dr. GRPO)")
+    kl_coef: float = Field(0.05, ge=0, description="β of the KL to the reference")
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_placement: Literal["reward", "loss"] = Field(
+        "reward", description="reward: −β·KL per token in the reward; loss: β·KL as a term of the policy loss"
+    )
     kl_target: float | None = Field(None, gt=0, description="set to adapt β towards this KL (Ziegler et al.)")
     kl_horizon: int = Field(10_000, ge=1, description="adaptive KL horizon in samples")
     gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="gae: the λ of GAE")
     clip_ratio: float = Field(0.2, gt=0)
-    value_clip: float | None = Field(0.2, gt=0)
-    ppo_epochs: int = Field(1, ge=1)
+    value_clip: float | None = Field(0.2, gt=0, description="gae: the critic's value clipping")
+    epochs: int = Field(1, ge=1, description="passes over each batch")
     mini_batches: int = Field(1, ge=1, description="optimizer steps per epoch; the batch is split into this many")
     entropy_coef: float = Field(0.0, ge=0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="gae: whiten advantages over the batch")
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
+        "token_mean", description="how per-token losses become one number (see relay.ppo.aggregate)"
+    )
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AlgorithmSection:
+        if self.kl_placement == "loss" and self.kl_estimator == "k1":
+            raise ValueError("algorithm.kl_placement loss needs kl_estimator k3 or k2: k1's gradient has zero mean")
+        if self.kl_placement == "loss" and self.kl_target is not None:
+            raise ValueError("algorithm.kl_target (adaptive β) applies to the KL in the reward, not as a loss")
+        return self
+
+    def describe(self) -> str:
+        """One line for logs and status: `grpo (KL k3 in the loss, β 0.01, token_mean)`."""
+        return (f"{self.advantage} (KL {self.kl_estimator} in the {self.kl_placement}, β {self.kl_coef:g}, "
+                f"{self.loss_aggregation})")
 
 
 class DataSection(Section):
@@ -285,7 +319,7 @@ class RelayConfig(Section):
     critic: TrainerSection = Field(default_factory=TrainerSection)
     reference: InferenceSection = Field(default_factory=InferenceSection)
     reward: RewardSection = Field(default_factory=RewardSection)
-    ppo: PPOSection = Field(default_factory=PPOSection)
+    algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
@@ -337,14 +371,17 @@ class RelayConfig(Section):
                     f"data.prompts_per_iteration × rollout.samples_per_prompt = {samples} samples must divide evenly "
                     f"over the {ranks} {role} ranks"
                 )
-        for role in ("policy", "critic"):
+        if self.algorithm.advantage in ("grpo", "rloo") and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"algorithm.advantage {self.algorithm.advantage} compares the samples of a prompt: "
+                             "rollout.samples_per_prompt must be at least 2")
+        for role in ("policy", "critic") if self.algorithm.uses_critic else ("policy",):
             section: TrainerSection = getattr(self, role)
-            per_step = section.resources.world_size * section.micro_batch_size * self.ppo.mini_batches
+            per_step = section.resources.world_size * section.micro_batch_size * self.algorithm.mini_batches
             if samples % per_step:
                 raise ValueError(
                     f"data.prompts_per_iteration × rollout.samples_per_prompt = {samples} samples must divide evenly "
                     f"into {role}: world_size {section.resources.world_size} × micro_batch_size "
-                    f"{section.micro_batch_size} × ppo.mini_batches {self.ppo.mini_batches} = {per_step}"
+                    f"{section.micro_batch_size} × algorithm.mini_batches {self.algorithm.mini_batches} = {per_step}"
                 )
         return self
 
@@ -423,7 +460,7 @@ def config_from_command_line(description: str, argv: list[str] | None = None) ->
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. ppo.kl_coef=0.1")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. algorithm.kl_coef=0.1")
     args = parser.parse_args(argv)
     try:
         return load_config(args.config, args.overrides)

@@ -30,13 +30,13 @@ def metric_role(name: str) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, run_name: str, resumed_at: int = 0) -> None:
+    def __init__(self, run_dir: Path, run_name: str, resumed_at: int = 0, algorithm: str = "") -> None:
         """`resumed_at`: the iteration of the checkpoint a run continues from (0: none). What an earlier attempt
         logged after it is dropped from metrics.jsonl and TensorBoard, so each iteration is there once, as this run
         trains it."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_name = run_name
+        self.tags = {"run": run_name, "algorithm": algorithm}  # on every Ray series, with its role
         self.jsonl_path = run_dir / "metrics.jsonl"
         if self.jsonl_path.exists():
             kept = [line for line in self.jsonl_path.read_text().splitlines(keepends=True)
@@ -52,14 +52,14 @@ class MetricsLogger:
             sink.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, iteration)
-            self._gauge(name).set(value, tags={"run": self.run_name, "role": metric_role(name)})
+            self._gauge(name).set(value, tags={**self.tags, "role": metric_role(name)})
         self.writer.flush()
 
     def _gauge(self, name: str) -> Any:
         if name not in self.gauges:
             from ray.util.metrics import Gauge
 
-            self.gauges[name] = Gauge(ray_metric_name(name), description=name, tag_keys=("run", "role"))
+            self.gauges[name] = Gauge(ray_metric_name(name), description=name, tag_keys=("run", "role", "algorithm"))
         return self.gauges[name]
 
     def close(self) -> None:

@@ -76,6 +76,11 @@ def role_placement(config: RelayConfig, role: Role) -> Placement:
     )
 
 
+def placed_roles(config: RelayConfig) -> list[Role]:
+    """The roles a run places: a critic only for an estimator that needs values (GAE)."""
+    return ["policy", *(["critic"] if config.algorithm.uses_critic else []), "reference", "reward"]
+
+
 def engine_placement(config: RelayConfig) -> Placement:
     """One vLLM engine's group; the fleet makes one per engine."""
     rollout = config.rollout
@@ -93,7 +98,7 @@ def run_placement_groups(config: RelayConfig) -> list[tuple[Strategy, list[dict[
     does not share the policy's."""
     engine = engine_placement(config)
     groups = [(engine.strategy, engine.bundles)] * config.rollout.num_workers
-    for role in ("policy", "critic", "reference", "reward"):
+    for role in placed_roles(config):
         placement = role_placement(config, role)
         if not placement.colocated:
             groups.append((placement.strategy, placement.bundles))
@@ -104,7 +109,7 @@ def resource_shortfall(config: RelayConfig, available: dict[str, float]) -> str 
     """What the run's placement groups need beyond `available` (Ray's cluster resources), role by role, or None."""
     engine = engine_placement(config)
     needs = {f"{config.rollout.num_workers} rollout engine(s)": _totals([engine.bundles] * config.rollout.num_workers)}
-    for role in ("policy", "critic", "reference", "reward"):
+    for role in placed_roles(config):
         placement = role_placement(config, role)
         if not placement.colocated:
             needs[role] = _totals([placement.bundles])

@@ -170,6 +170,84 @@ def gae(
     return advantages, zero_padding(advantages + values, mask)
 
 
+def grpo_advantages(rewards: Tensor, group_size: int, norm_by_std: bool = True, eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024): each sample's reward relative to the other samples of its prompt.
+
+    rewards [B], B = prompts × group_size, each prompt's samples contiguous -> advantages [B]:
+    A_i = (r_i - mean_g) / (std_g + eps) with std_g the group's unbiased standard deviation, or
+    A_i = r_i - mean_g without the division (``norm_by_std=False``, as Dr. GRPO, Liu et al. 2025).
+    A group whose rewards are all equal gets 0 everywhere: it carries no signal.
+    """
+    groups = rewards.float().view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if norm_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): each sample's baseline is the mean reward of the other samples of its prompt.
+
+    rewards [B], B = prompts × group_size (>= 2), each prompt's samples contiguous -> advantages [B]:
+    A_i = r_i - (sum_g - r_i) / (group_size - 1) = group_size / (group_size - 1) * (r_i - mean_g).
+    """
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt (rollout.samples_per_prompt)")
+    groups = rewards.float().view(-1, group_size)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def discounted_returns(token_rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
+    """Per-token returns G_t = sum_{k >= t} gamma^(k - t) r_k within each right-padded row.
+
+    token_rewards, response_mask [B, L] -> returns [B, L], 0 on padding.
+    """
+    rewards = zero_padding(token_rewards, response_mask)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return zero_padding(returns, response_mask)
+
+
+def reinforce_pp_advantages(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ (Hu 2025): per-token returns of the rewards with the KL penalty in them (``token_rewards`` as
+    ``token_rewards()`` gives them), whitened over every real token of the batch: no critic, no groups.
+
+    token_rewards, response_mask [B, L] -> advantages [B, L], 0 on padding.
+    """
+    return masked_whiten(discounted_returns(token_rewards, response_mask, gamma), response_mask)
+
+
+def sequence_to_tokens(sequence_values: Tensor, response_mask: Tensor) -> Tensor:
+    """A value per sequence [B] on each of its real tokens [B, L] (0 on padding)."""
+    return zero_padding(sequence_values.float().unsqueeze(1).expand_as(response_mask), response_mask)
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """[prompts] bool: the groups whose samples all got the same reward (no signal for group-based estimators)."""
+    groups = rewards.float().view(-1, group_size)
+    return (groups == groups[:, :1]).all(dim=1)
+
+
+LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+
+
+def aggregate(values: Tensor, response_mask: Tensor, mode: LossAggregation) -> Tensor:
+    """A per-token loss [B, L] as one number, over real tokens:
+    token_mean: the mean over every real token of the batch (long responses weigh more);
+    seq_mean_token_sum: the mean over sequences of each sequence's sum (Dr. GRPO's unbiased form);
+    seq_mean_token_mean: the mean over sequences of each sequence's mean (each sequence weighs the same).
+    """
+    if mode == "token_mean":
+        return masked_mean(values, response_mask)
+    per_sequence = (masked_sum(values, response_mask, dim=1) if mode == "seq_mean_token_sum"
+                    else masked_mean(values, response_mask, dim=1))
+    return per_sequence.mean()
+
+
 @dataclass(frozen=True)
 class PolicyLossStats:
     """Diagnostics of one policy-loss evaluation (scalar, detached tensors)."""
@@ -184,12 +262,13 @@ def policy_loss(
     advantages: Tensor,
     response_mask: Tensor,
     clip_ratio: float,
+    aggregation: LossAggregation = "token_mean",
 ) -> tuple[Tensor, PolicyLossStats]:
-    """PPO clipped surrogate loss (to minimise), averaged over real tokens.
+    """PPO clipped surrogate loss (to minimise), aggregated over real tokens.
 
     logprobs, old_logprobs, advantages, response_mask [B, L] -> (loss [], stats).
     With r = exp(logprobs - old_logprobs):
-    loss = masked_mean(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio))).
+    loss = aggregate(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio))), token_mean by default.
     clipfrac is the fraction of real tokens where the clipped term is the larger one;
     approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)**2).
     """
@@ -198,13 +277,24 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), response_mask, aggregation)
     with torch.no_grad():
         stats = PolicyLossStats(
             clipfrac=masked_mean((clipped > unclipped).float(), response_mask),
             approx_kl=masked_mean(0.5 * log_ratio**2, response_mask),
         )
     return loss, stats
+
+
+def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, estimator: KLEstimator,
+            aggregation: LossAggregation = "token_mean") -> Tensor:
+    """KL(policy || reference) as a loss term (GRPO's placement, instead of a penalty in the reward).
+
+    logprobs, ref_logprobs, response_mask [B, L] -> []. Use k3 or k2: k1's gradient, log_ratio's, has zero mean
+    under the policy's own samples, so as a loss it does not pull towards the reference.
+    """
+    return aggregate(kl_penalty(zero_padding(logprobs, response_mask), zero_padding(ref_logprobs, response_mask),
+                                estimator), response_mask, aggregation)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ if torch.cuda.device_count() == 0:  # NVML, so no CUDA context before a fork
 import deepspeed  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
-from relay.config import Dtype
+from relay.config import Dtype, TrainerSection
 from relay.models import ModelKind, disable_dropout, load_model
 from relay.storage import publish_directory
 
@@ -35,6 +35,7 @@ def deepspeed_config(
     world_size: int,
     max_grad_norm: float,
     persistence_threshold: int = 100_000,
+    scheduler: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": zero_stage}
     if offload:
@@ -45,6 +46,7 @@ def deepspeed_config(
         zero["stage3_param_persistence_threshold"] = persistence_threshold
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return {
+        **({"scheduler": scheduler} if scheduler else {}),
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
@@ -55,6 +57,24 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def lr_scheduler(section: TrainerSection, total_steps: int) -> dict[str, Any] | None:
+    """DeepSpeed's scheduler for `section.lr_schedule` after `section.lr_warmup_steps` of linear warm-up (None:
+    a constant rate). DeepSpeed steps it with the optimizer and keeps it in its checkpoints."""
+    warmup, peak = section.lr_warmup_steps, section.learning_rate
+    if section.lr_schedule == "constant":
+        if not warmup:
+            return None
+        params = {"warmup_min_lr": 0.0, "warmup_max_lr": peak, "warmup_num_steps": warmup, "warmup_type": "linear"}
+        return {"type": "WarmupLR", "params": params}
+    if section.lr_schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": peak,
+                                                    "warmup_num_steps": warmup, "warmup_type": "linear",
+                                                    "total_num_steps": max(total_steps, warmup + 1)}}
+    return {"type": "WarmupCosineLR", "params": {"total_num_steps": max(total_steps, warmup + 1),
+                                                 "warmup_num_steps": max(1, warmup), "warmup_min_ratio": 0.0,
+                                                 "cos_min_ratio": 0.0, "warmup_type": "linear"}}
 
 
 def init_distributed() -> None:

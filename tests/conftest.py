@@ -30,7 +30,7 @@ TINY_RUN_OVERRIDES = [
     "rollout.max_new_tokens=8",
     "policy.micro_batch_size=4",
     "critic.micro_batch_size=4",
-    "ppo.mini_batches=1",
+    "algorithm.mini_batches=1",
     "warm_start=null",
 ]
 

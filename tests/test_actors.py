@@ -126,7 +126,7 @@ def test_a_non_finite_loss_trains_nothing_and_is_counted(setup, tiny_model):
     # Old log-probs of -1e4 make every ratio overflow to inf; with negative advantages the loss is +inf.
     poisoned = replace(batch, old_logprobs=torch.full(mask.shape, -1e4), advantages=-torch.ones(mask.shape))
     stats = policy.run("train", ray.put(poisoned), 2)
-    micro_batches_per_rank = config.ppo.ppo_epochs * (len(batch) // 2 // config.policy.micro_batch_size)
+    micro_batches_per_rank = config.algorithm.epochs * (len(batch) // 2 // config.policy.micro_batch_size)
     assert [rank["losses/policy_nonfinite"] for rank in stats] == [float(micro_batches_per_rank)] * 2
     assert all("losses/policy" not in rank for rank in stats)  # no statistic of a skipped micro-batch
     state, _ = ray.get(policy.call("full_weights"))

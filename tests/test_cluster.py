@@ -29,8 +29,8 @@ def live_cluster():
 
 
 def test_submit_rejects_a_bad_config_before_contacting_the_cluster():
-    with pytest.raises(ConfigError, match="ppo.kl_coeff: unknown key"):
-        cluster.submit(str(DEMO_CONFIG), ["ppo.kl_coeff=1"], address="http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="algorithm.kl_coeff: unknown key"):
+        cluster.submit(str(DEMO_CONFIG), ["algorithm.kl_coeff=1"], address="http://127.0.0.1:9")
 
 
 def test_job_api_refuses_requests_without_the_token(live_cluster):
@@ -48,7 +48,7 @@ def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
         f"run.output_dir={tmp_path}", "run.name=scaled", f"run.iterations={iterations}", "run.eval_every=0",
         "run.checkpoint_every=0", "warm_start=null", "data.train_prompts=256", f"data.prompts_per_iteration={prompts}",
         "data.eval_prompts=8", "data.eval_samples_per_prompt=1", f"rollout.samples_per_prompt={samples}",
-        "rollout.max_new_tokens=8", "policy.micro_batch_size=4", "critic.micro_batch_size=4", "ppo.mini_batches=1",
+        "rollout.max_new_tokens=8", "policy.micro_batch_size=4", "critic.micro_batch_size=4", "algorithm.mini_batches=1",
     ]
     relay_main(["submit", str(DEMO_CONFIG.relative_to(ROOT)), "--address", address, "--working-dir", str(ROOT),
                 *overrides])

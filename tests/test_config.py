@@ -25,15 +25,15 @@ def test_gpu_configs_ask_for_gpus():
 
 
 def test_overrides_parse_yaml_values():
-    config = load_config(CONFIGS / "demo.yaml", ["ppo.kl_coef=0.5", "rollout.num_workers=2", "ppo.value_clip=null"])
-    assert config.ppo.kl_coef == 0.5
+    config = load_config(CONFIGS / "demo.yaml", ["algorithm.kl_coef=0.5", "rollout.num_workers=2", "algorithm.value_clip=null"])
+    assert config.algorithm.kl_coef == 0.5
     assert config.rollout.num_workers == 2
-    assert config.ppo.value_clip is None
+    assert config.algorithm.value_clip is None
 
 
 def test_unknown_key_names_its_dotted_path():
-    with pytest.raises(ConfigError, match=r"ppo\.kl_coeff: unknown key"):
-        load_config(CONFIGS / "demo.yaml", ["ppo.kl_coeff=0.1"])
+    with pytest.raises(ConfigError, match=r"algorithm\.kl_coeff: unknown key"):
+        load_config(CONFIGS / "demo.yaml", ["algorithm.kl_coeff=0.1"])
 
 
 def test_bad_value_names_field_and_file():
@@ -67,7 +67,7 @@ def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not of the form"):
-        load_config(CONFIGS / "demo.yaml", ["ppo.kl_coef"])
+        load_config(CONFIGS / "demo.yaml", ["algorithm.kl_coef"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):

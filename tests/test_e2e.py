@@ -38,7 +38,7 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
         "reward.normalize=true",
         # k3 = exp(-r) - 1 + r is >= 0 on every token and 0 only where policy and reference agree, so "the policy
         # moved" reads as kl > 0; k1's mean over 16 samples can come out negative after a real update.
-        "ppo.kl_estimator=k3",
+        "algorithm.kl_estimator=k3",
     ]
     summary = run(tiny_run_config(tmp_path, *overrides))
     run_dir = tmp_path
@@ -164,3 +164,26 @@ def test_sigterm_checkpoints_the_last_iteration_and_the_run_resumes_from_it(tmp_
     assert checkpoint.name == f"iter_{last:06d}"
     assert json.loads((checkpoint / "driver_state.json").read_text())["samples"] == last * 8 * 2
     assert not (run_dir / "summary.json").exists()  # stopped, not finished
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
+def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, advantage):
+    config = tiny_run_config(tmp_path, f"algorithm.advantage={advantage}", "algorithm.kl_placement=loss",
+                             "algorithm.kl_estimator=k3", "rollout.samples_per_prompt=4", "data.prompts_per_iteration=4",
+                             "policy.lr_warmup_steps=1", "policy.lr_schedule=cosine")
+    trainer = PPOTrainer(config)
+    try:
+        summary = trainer.fit()
+        assert not hasattr(trainer, "critic")  # no critic actors, placement group or checkpoint
+    finally:
+        trainer.shutdown()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["iteration"] for row in rows] == [1, 2]
+    assert all(math.isfinite(value) for row in rows for value in row.values())
+    assert "losses/value" not in rows[0] and "losses/kl_ref" in rows[0]  # the KL is a loss term here
+    assert rows[1]["policy/lr"] < rows[0]["policy/lr"]  # cosine decay after one warm-up step
+    if advantage == "grpo":
+        assert 0.0 <= rows[0]["reward/zero_variance_groups"] <= 1.0
+    assert sorted(path.name for path in (tmp_path / "checkpoints" / "iter_000002").iterdir()) == [
+        "deepspeed", "driver_state.json", "policy"]
+    assert summary["samples"] == 2 * 4 * 4

@@ -350,3 +350,70 @@ def test_nan_and_inf_in_padding_reach_no_output_and_no_gradient():
     advantages_out, returns = ppo.gae(rewards, torch.zeros(2, 3) + poison, mask, gamma=1.0, lam=0.95)
     for tensor in (rewards, kl, advantages_out, returns, ppo.masked_whiten(advantages + poison, mask)):
         assert torch.isfinite(tensor).all() and (tensor[mask == 0] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critic-free advantage estimators and loss aggregation
+
+
+def test_grpo_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0])  # two prompts of 3 samples
+    # group 1: mean 1/3, unbiased std sqrt(((2/3)^2 + 2 (1/3)^2) / 2) = sqrt(1/3) = 0.57735
+    # -> (2/3) / 0.57735 = 1.1547, (-1/3) / 0.57735 = -0.57735; group 2: mean 5/3, std 0.57735 -> -1.1547, 0.57735
+    expected = torch.tensor([1.1547, -0.57735, -0.57735, -1.1547, 0.57735, 0.57735])
+    assert torch.allclose(ppo.grpo_advantages(rewards, 3, eps=0.0), expected, atol=1e-4)
+    # Dr. GRPO: centred only.
+    assert torch.allclose(ppo.grpo_advantages(rewards, 3, norm_by_std=False),
+                          torch.tensor([2 / 3, -1 / 3, -1 / 3, -2 / 3, 1 / 3, 1 / 3]))
+    # A group with one reward for all carries no signal.
+    assert ppo.grpo_advantages(torch.tensor([0.5, 0.5, 0.5, 0.5]), 2).tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_rloo_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 3.0])  # one prompt of 4 samples
+    # baselines: others' means (0+0+3)/3 = 1, (1+0+3)/3 = 4/3, 4/3, (1+0+0)/3 = 1/3
+    expected = torch.tensor([0.0, -4 / 3, -4 / 3, 3 - 1 / 3])
+    assert torch.allclose(ppo.rloo_advantages(rewards, 4), expected)
+    assert torch.allclose(ppo.rloo_advantages(rewards, 4), 4 / 3 * (rewards - rewards.mean()))
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ppo.rloo_advantages(rewards, 1)
+
+
+def test_reinforce_pp_returns_then_batch_whitening_by_hand():
+    token_rewards = torch.tensor([[-0.1, -0.1, 1.0], [-0.2, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # gamma 1: returns are suffix sums over real tokens: [0.8, 0.9, 1.0] and [0.3, 0.5, (pad)]
+    returns = ppo.discounted_returns(token_rewards, mask, gamma=1.0)
+    assert torch.allclose(returns, torch.tensor([[0.8, 0.9, 1.0], [0.3, 0.5, 0.0]]))
+    # gamma 0.5: [-0.1 + 0.5 (-0.1 + 0.5 * 1.0), -0.1 + 0.5 * 1.0, 1.0] = [0.1, 0.4, 1.0]
+    assert torch.allclose(ppo.discounted_returns(token_rewards, mask, gamma=0.5)[0], torch.tensor([0.1, 0.4, 1.0]))
+    advantages = ppo.reinforce_pp_advantages(token_rewards, mask)
+    real = returns[mask.bool()]
+    assert torch.allclose(advantages[mask.bool()], (real - real.mean()) / real.std(), atol=1e-5)
+    assert advantages[1, 2] == 0.0
+
+
+def test_sequence_advantages_on_tokens_and_zero_variance_groups():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert ppo.sequence_to_tokens(torch.tensor([2.0, -1.0]), mask).tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]
+    assert ppo.zero_variance_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5]), 2).tolist() == [True, False, True]
+
+
+def test_loss_aggregations_by_hand():
+    values = torch.tensor([[1.0, 3.0, 9.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert ppo.aggregate(values, mask, "token_mean").item() == pytest.approx((1 + 3 + 4) / 3)
+    assert ppo.aggregate(values, mask, "seq_mean_token_sum").item() == pytest.approx(((1 + 3) + 4) / 2)
+    assert ppo.aggregate(values, mask, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+
+
+def test_kl_loss_is_k3_aggregated_and_pulls_towards_the_reference():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss = ppo.kl_loss(logprobs, ref, mask, "k3")
+    # k3 = exp(-r) - 1 + r with r = logprobs - ref = [0, -1]: [0, e - 2]; token mean (e - 2) / 2
+    assert loss.item() == pytest.approx((math.e - 2) / 2)
+    loss.backward()
+    # d/dr (exp(-r) - 1 + r) = 1 - exp(-r): 0 at r = 0, 1 - e < 0 at r = -1: gradient descent raises logprobs[1]
+    assert logprobs.grad[0].tolist() == pytest.approx([0.0, (1 - math.e) / 2])

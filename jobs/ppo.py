@@ -44,7 +44,7 @@ from jobs.common import (
 from jobs.reward_model import run_reward_model_training
 from jobs.sft import run_warm_start
 from relay import ppo
-from relay.batch import RolloutBatch, pad_left, pad_right, request_seeds
+from relay.batch import RolloutBatch, concat_batches, pad_left, pad_right, request_seeds
 from relay.config import RelayConfig, config_from_command_line, dump_config, load_config
 from relay.metrics import MetricsLogger, plot_reward_curve
 from relay.models import build_tokenizer, load_tokenizer
@@ -108,6 +108,7 @@ class PPOTrainer:
                     raise ValueError(f"reward.rules: no column {rule.column!r} in {self.data.source} (its columns "
                                      f"besides the prompt: {', '.join(sorted(columns)) or 'none'})")
         self.terminate_requested = False
+        self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)  # the data order of the current epoch
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -213,19 +214,18 @@ class PPOTrainer:
     def train_iteration(self, iteration: int) -> dict[str, float]:
         config, algorithm, metrics = self.config, self.config.algorithm, {}
 
-        # 1. The next prompt batch (the cursor is checkpointed).
-        examples = self.next_prompts()
-
-        # 2. Sample responses on the vLLM fleet, with the sampler's log-probs.
+        # 1-2. The next prompts (the data cursor is checkpointed), and samples of each on the vLLM fleet with the
+        #      sampler's log-probs; with dynamic sampling, prompts whose samples all scored alike are replaced.
         with phase("generate", metrics):
-            batch = self.generate(examples, config.rollout.samples_per_prompt, config.run.seed, iteration)
+            batch, raw_rewards = self.sample_batch(iteration, metrics)
         batch_ref = ray.put(batch)
 
         # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values (with a critic),
         #    rewards.
         with phase("score", metrics):
             scored = {group.name: group.call("score", batch_ref) for group in self.scorers}
-            raw_rewards = self.score_rewards(batch, batch_ref, iteration)
+            if raw_rewards is None:
+                raw_rewards = self.score_rewards(batch, batch_ref, iteration)
             old_logprobs, ref_logprobs, *critic_values = (torch.cat(self.wait(refs, f"{name} (score)"))
                                                           for name, refs in scored.items())
             values = critic_values[0] if critic_values else None
@@ -282,25 +282,62 @@ class PPOTrainer:
             metrics["reward/zero_variance_groups"] = groups.float().mean().item()  # prompts that taught nothing
         return metrics
 
-    def next_prompts(self) -> list[Prompt]:
-        """The next `prompts_per_iteration` training prompts, in an order reshuffled every epoch (prompts dropped
-        as too long, or skipped as malformed, are passed over)."""
+    def next_prompts(self, count: int) -> list[Prompt]:
+        """The next `count` training prompts, in an order reshuffled every epoch (prompts dropped as too long, or
+        skipped as malformed, are passed over)."""
         train = self.data.train
         chosen: list[Prompt] = []
-        while len(chosen) < self.config.data.prompts_per_iteration:
-            order = torch.randperm(len(train),
-                                   generator=torch.Generator().manual_seed(self.config.data.seed + self.state.data_epoch))
-            prompt = train.get(int(order[self.state.data_cursor]))
+        while len(chosen) < count:
+            if self._order_epoch != self.state.data_epoch:
+                seed = self.config.data.seed + self.state.data_epoch
+                self._order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+                self._order_epoch = self.state.data_epoch
+            prompt = train.get(int(self._order[self.state.data_cursor]))
             if prompt is not None:
                 chosen.append(prompt)
             self.state.data_cursor += 1
-            if self.state.data_cursor == len(order):
+            if self.state.data_cursor == len(self._order):
                 self.state.data_epoch, self.state.data_cursor = self.state.data_epoch + 1, 0
         return chosen
 
-    def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int) -> RolloutBatch:
+    def sample_batch(self, iteration: int, metrics: dict[str, float]) -> tuple[RolloutBatch, torch.Tensor | None]:
+        """This iteration's batch, and its rewards when they had to be scored here (dynamic sampling), else None.
+
+        With algorithm.dynamic_sampling (DAPO, Yu et al. 2025), a prompt whose samples all got the same reward
+        teaches a group-based estimator nothing: it is dropped and more prompts are sampled, up to
+        algorithm.max_sampling_rounds rounds; if the batch is still short, dropped groups fill it (advantage 0).
+        """
+        config, algorithm = self.config, self.config.algorithm
+        prompts_needed, group_size = config.data.prompts_per_iteration, config.rollout.samples_per_prompt
+        if not algorithm.dynamic_sampling:
+            return self.generate(self.next_prompts(prompts_needed), group_size, config.run.seed, iteration), None
+        kept: list[tuple[RolloutBatch, torch.Tensor]] = []
+        dropped: list[tuple[RolloutBatch, torch.Tensor]] = []
+        seen = kept_groups = 0
+        for round_index in range(algorithm.max_sampling_rounds):
+            batch = self.generate(self.next_prompts(prompts_needed), group_size, config.run.seed, iteration,
+                                  round_index)
+            rewards = self.score_rewards(batch, ray.put(batch), iteration)
+            uniform = ppo.zero_variance_groups(rewards, group_size).repeat_interleave(group_size)
+            kept.append((batch.select(torch.nonzero(~uniform).flatten()), rewards[~uniform]))
+            dropped.append((batch.select(torch.nonzero(uniform).flatten()), rewards[uniform]))
+            seen += prompts_needed
+            kept_groups += int((~uniform).sum()) // group_size
+            if kept_groups >= prompts_needed:
+                break
+        parts = kept + dropped  # dropped groups only fill what the kept ones leave short
+        batch = concat_batches([part for part, _ in parts if len(part)], self.tokenizer.pad_token_id)
+        rewards = torch.cat([part for _, part in parts])
+        rows = torch.arange(prompts_needed * group_size)
+        metrics["sampling/dropped_share"] = 1.0 - min(kept_groups, prompts_needed) / seen
+        metrics["sampling/rounds"] = float(round_index + 1)
+        return batch.select(rows), rewards[rows]
+
+    def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int,
+                 round_index: int = 0) -> RolloutBatch:
         per_prompt = self.fleet.generate([prompt.ids for prompt in prompts], samples_per_prompt,
-                                         self.config.rollout.temperature, request_seeds(seed, iteration, len(prompts)))
+                                         self.config.rollout.temperature,
+                                         request_seeds(seed, iteration, len(prompts), round_index))
         return self.build_batch(prompts, per_prompt)
 
     def build_batch(self, prompts: list[Prompt], per_prompt: list[list[Sample]]) -> RolloutBatch:

@@ -79,12 +79,36 @@ class RolloutBatch:
         return self.select(slice(start, start + size + (1 if rank < remainder else 0)))
 
 
-def request_seeds(run_seed: int, iteration: int, count: int) -> list[int]:
-    """One sampling seed per prompt of an iteration's batch, from (run seed, iteration, the prompt's index): which
-    engine serves a prompt changes nothing, no two prompts or iterations share a seed, and a resumed run draws the
-    same samples as an uninterrupted one."""
-    return [int.from_bytes(hashlib.blake2b(f"{run_seed}:{iteration}:{index}".encode(), digest_size=8).digest()) >> 1
+def request_seeds(run_seed: int, iteration: int, count: int, round_index: int = 0) -> list[int]:
+    """One sampling seed per prompt of an iteration's batch, from (run seed, iteration, the prompt's index, and the
+    sampling round when an iteration samples more than once): which engine serves a prompt changes nothing, no two
+    prompts or iterations share a seed, and a resumed run draws the same samples as an uninterrupted one."""
+    key = f"{run_seed}:{iteration}" + (f":round{round_index}" if round_index else "")
+    return [int.from_bytes(hashlib.blake2b(f"{key}:{index}".encode(), digest_size=8).digest()) >> 1
             for index in range(count)]
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """One batch of the rows of `batches`, in order, padded anew to the widest prompt and response (the tensors
+    that later phases fill in must still be empty)."""
+    query_width = max(batch.query_ids.shape[1] for batch in batches)
+    response_width = max(batch.response_ids.shape[1] for batch in batches)
+
+    def widen(tensor: Tensor, width: int, value: float, left: bool) -> Tensor:
+        padding = (width - tensor.shape[1], 0) if left else (0, width - tensor.shape[1])
+        return torch.nn.functional.pad(tensor, padding, value=value)
+
+    return RolloutBatch(
+        query_ids=torch.cat([widen(b.query_ids, query_width, pad_id, left=True) for b in batches]),
+        query_mask=torch.cat([widen(b.query_mask, query_width, 0.0, left=True) for b in batches]),
+        response_ids=torch.cat([widen(b.response_ids, response_width, pad_id, left=False) for b in batches]),
+        response_mask=torch.cat([widen(b.response_mask, response_width, 0.0, left=False) for b in batches]),
+        sampler_logprobs=torch.cat([widen(b.sampler_logprobs, response_width, 0.0, left=False) for b in batches]),
+        prompts=[prompt for b in batches for prompt in b.prompts],
+        responses=[response for b in batches for response in b.responses],
+        metadata=[row for b in batches for row in b.metadata],
+        policy_version=batches[0].policy_version,
+    )
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -176,6 +176,10 @@ class AlgorithmSection(Section):
     loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = Field(
         "token_mean", description="how per-token losses become one number (see relay.ppo.aggregate)"
     )
+    dynamic_sampling: bool = Field(
+        False, description="grpo, rloo: drop prompts whose samples all scored alike, sample more to fill the batch"
+    )
+    max_sampling_rounds: int = Field(4, ge=1, description="dynamic sampling: generation rounds per iteration at most")
 
     @property
     def uses_critic(self) -> bool:
@@ -185,6 +189,8 @@ class AlgorithmSection(Section):
     def _consistent(self) -> AlgorithmSection:
         if self.kl_placement == "loss" and self.kl_estimator == "k1":
             raise ValueError("algorithm.kl_placement loss needs kl_estimator k3 or k2: k1's gradient has zero mean")
+        if self.dynamic_sampling and self.advantage not in ("grpo", "rloo"):
+            raise ValueError("algorithm.dynamic_sampling drops groups of samples: it needs advantage grpo or rloo")
         if self.kl_placement == "loss" and self.kl_target is not None:
             raise ValueError("algorithm.kl_target (adaptive β) applies to the KL in the reward, not as a loss")
         return self

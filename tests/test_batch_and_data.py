@@ -1,8 +1,9 @@
 import random
 
+import pytest
 import torch
 
-from relay.batch import RolloutBatch, pad_left, pad_right, request_seeds
+from relay.batch import RolloutBatch, concat_batches, pad_left, pad_right, request_seeds
 from relay.data import IGNORE_INDEX, collate_sft, tokenize_sft_example
 from relay.models import build_tokenizer
 from relay.tasks import get_task, split_examples
@@ -84,3 +85,23 @@ def test_unknown_task_and_bad_reward_function():
         load_object("relay.tasks.reverse:nope", "reward.function")
     with pytest.raises(ValueError, match="cannot import module"):
         get_task("no_such_module:TASK")
+
+
+def test_request_seeds_of_a_later_sampling_round_differ_and_round_zero_is_unchanged():
+    assert request_seeds(0, 1, 4, round_index=0) == request_seeds(0, 1, 4)
+    assert not set(request_seeds(0, 1, 4, round_index=1)) & set(request_seeds(0, 1, 4))
+
+
+def test_concat_batches_pads_anew_and_keeps_row_order():
+    wide_query, wide_mask = pad_left([[1, 5, 6, 7]], pad_id=0)
+    long_response, long_mask = pad_right([[8, 8, 8]], pad_value=0, dtype=torch.long)
+    other = RolloutBatch(query_ids=wide_query, query_mask=wide_mask, response_ids=long_response,
+                         response_mask=long_mask, sampler_logprobs=torch.full((1, 3), -0.5), prompts=["c"],
+                         responses=["z"], metadata=[{"i": 2}], policy_version=3)
+    joined = concat_batches([make_batch(), other], pad_id=0)
+    assert joined.prompts == ["a", "b", "c"] and [row["i"] for row in joined.metadata] == [0, 1, 2]
+    # Prompts stay right-aligned (left padding), responses left-aligned (right padding).
+    assert joined.query_ids.tolist() == [[0, 0, 1, 5], [0, 1, 6, 7], [1, 5, 6, 7]]
+    assert joined.response_ids.tolist() == [[8, 2, 0], [9, 0, 0], [8, 8, 8]]
+    assert joined.response_mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert joined.sampler_logprobs[0].tolist() == pytest.approx([-0.1, -0.2, 0.0])

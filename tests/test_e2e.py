@@ -166,11 +166,13 @@ def test_sigterm_checkpoints_the_last_iteration_and_the_run_resumes_from_it(tmp_
     assert not (run_dir / "summary.json").exists()  # stopped, not finished
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
-def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, advantage):
+@pytest.mark.parametrize("advantage, dynamic_sampling", [("grpo", True), ("reinforce_pp", False)])
+def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, advantage, dynamic_sampling):
     config = tiny_run_config(tmp_path, f"algorithm.advantage={advantage}", "algorithm.kl_placement=loss",
                              "algorithm.kl_estimator=k3", "rollout.samples_per_prompt=4", "data.prompts_per_iteration=4",
-                             "policy.lr_warmup_steps=1", "policy.lr_schedule=cosine")
+                             "policy.lr_warmup_steps=1", "policy.lr_schedule=cosine",
+                             f"algorithm.dynamic_sampling={str(dynamic_sampling).lower()}",
+                             "algorithm.max_sampling_rounds=3")
     trainer = PPOTrainer(config)
     try:
         summary = trainer.fit()
@@ -182,8 +184,13 @@ def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, ad
     assert all(math.isfinite(value) for row in rows for value in row.values())
     assert "losses/value" not in rows[0] and "losses/kl_ref" in rows[0]  # the KL is a loss term here
     assert rows[1]["policy/lr"] < rows[0]["policy/lr"]  # cosine decay after one warm-up step
-    if advantage == "grpo":
-        assert 0.0 <= rows[0]["reward/zero_variance_groups"] <= 1.0
+    if dynamic_sampling:
+        # The random-init model's samples mostly all score 0: such groups are dropped and more prompts sampled;
+        # the batch is full all the same (samples below), and the data cursor moved past every prompt drawn.
+        assert all(0.0 <= row["sampling/dropped_share"] <= 1.0 and 1 <= row["sampling/rounds"] <= 3 for row in rows)
+        rounds = sum(row["sampling/rounds"] for row in rows)
+        state = json.loads((tmp_path / "checkpoints" / "iter_000002" / "driver_state.json").read_text())
+        assert state["data_cursor"] == 4 * rounds
     assert sorted(path.name for path in (tmp_path / "checkpoints" / "iter_000002").iterdir()) == [
         "deepspeed", "driver_state.json", "policy"]
     assert summary["samples"] == 2 * 4 * 4

@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/relay demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=15
 
 # The inner loop: math, config, data, batch, CLI and manifests; no Ray, vLLM or DeepSpeed start (under 2 minutes).
 test-fast: $(STAMP)

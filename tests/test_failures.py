@@ -20,13 +20,15 @@ from tests.live_ray import wait_for
 pytestmark = pytest.mark.slow
 
 
-def kill_after(config, actor_name: str, rows: int, killed: list[int]) -> threading.Thread:
-    """Once the run has logged `rows` iterations, kill -9 the process of its actor `actor_name`."""
+def fit_killing(config, actor_name: str, after_rows: int) -> dict:
+    """Run `config` to the end while, once it has logged `after_rows` iterations, the process of its actor
+    `actor_name` is killed with SIGKILL (as the OOM killer or a lost node would); the run's summary."""
+    killed: list[int] = []
 
     def kill() -> None:
         metrics = Path(config.run.output_dir) / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and len(read_metrics(metrics)) >= rows, 300, f"{rows} iterations",
-                 interval_s=0.1)
+        wait_for(lambda: metrics.exists() and len(read_metrics(metrics)) >= after_rows, 300,
+                 f"{after_rows} iterations", interval_s=0.1)
         actor = ray.get_actor(actor_name, namespace=config.actor_namespace)
         pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
         os.kill(pid, signal.SIGKILL)
@@ -34,7 +36,14 @@ def kill_after(config, actor_name: str, rows: int, killed: list[int]) -> threadi
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
-    return thread
+    trainer = PPOTrainer(config)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.shutdown()
+    thread.join(timeout=10)
+    assert killed, f"{actor_name} was never killed"
+    return summary
 
 
 def check_every_batch_complete(config, iterations: int) -> list[dict]:
@@ -49,15 +58,7 @@ def check_every_batch_complete(config, iterations: int) -> list[dict]:
 def test_a_killed_rollout_engine_is_replaced_and_no_batch_loses_a_prompt(ray_session, tmp_path, engines):
     iterations = 20
     config = tiny_run_config(tmp_path, f"rollout.num_workers={engines}", f"run.iterations={iterations}")
-    killed: list[int] = []
-    thread = kill_after(config, "rollout-0", rows=2, killed=killed)
-    trainer = PPOTrainer(config)
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.shutdown()
-    thread.join(timeout=10)
-    assert killed, "the engine was never killed"
+    summary = fit_killing(config, "rollout-0", after_rows=2)
     rows = check_every_batch_complete(config, iterations)
     assert [row["policy/version"] for row in rows] == list(range(1, iterations + 1))
     assert rows[-1]["rollout/worker_failures"] == 1
@@ -70,15 +71,7 @@ def test_a_killed_learner_rank_restarts_every_role_from_the_newest_checkpoint(ra
     iterations = 8
     config = tiny_run_config(tmp_path, "policy.resources.cpu_ranks_per_node=2", f"run.iterations={iterations}",
                              "run.checkpoint_every=2")
-    killed: list[int] = []
-    thread = kill_after(config, "policy-learner-1", rows=3, killed=killed)
-    trainer = PPOTrainer(config)
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.shutdown()
-    thread.join(timeout=10)
-    assert killed
+    summary = fit_killing(config, "policy-learner-1", after_rows=3)
     # Iterations after the newest checkpoint were trained again after the restart, and logged once.
     check_every_batch_complete(config, iterations)
     assert summary["samples"] == config.samples_per_iteration * iterations

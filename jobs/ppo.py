@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 import torch
@@ -587,8 +587,16 @@ class PPOTrainer:
 
 
 # What a checkpoint's learner states are tied to: resuming with other values cannot load them.
-RESUME_FIXED = ("tiny_model", "policy.model", "critic.model", "policy.zero_stage", "critic.zero_stage",
-                "policy.resources", "critic.resources")
+RESUME_FIXED: dict[str, Callable[[RelayConfig], object]] = {
+    "tiny_model": lambda config: config.tiny_model and config.tiny_model.model_dump(),
+    "policy.model": lambda config: config.policy.model,
+    "critic.model": lambda config: config.critic.model,
+    "policy.zero_stage": lambda config: config.policy.zero_stage,
+    "critic.zero_stage": lambda config: config.critic.zero_stage,
+    "the policy's world size (policy.resources)": lambda config: config.policy.resources.world_size,
+    "the critic's world size (critic.resources)": lambda config: config.critic.resources.world_size,
+    "a critic (algorithm.advantage)": lambda config: config.algorithm.uses_critic,
+}
 
 
 def check_resumable(config: RelayConfig, run_dir: Path) -> None:
@@ -596,20 +604,14 @@ def check_resumable(config: RelayConfig, run_dir: Path) -> None:
     saved_path = run_dir / "config.yaml"
     if config.run.resume != "auto" or latest_checkpoint(run_dir) is None or not saved_path.exists():
         return
-    saved, current = load_config(saved_path).model_dump(), config.model_dump()
-    for field in RESUME_FIXED:
-        for path, old, new in differences(field, lookup(saved, field), lookup(current, field)):
+    saved = load_config(saved_path)
+    for name, value_of in RESUME_FIXED.items():
+        for path, old, new in differences(name, value_of(saved), value_of(config)):
             raise ValueError(
                 f"run.output_dir {run_dir} holds checkpoints of a run with {path} = {old!r}, and this config has "
                 f"{new!r}; they cannot resume it: put the old value back, or use a new run.output_dir (to start "
                 f"from its weights: policy.model={latest_checkpoint(run_dir) / 'policy'})"
             )
-
-
-def lookup(tree: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        tree = tree[part]
-    return tree
 
 
 def differences(path: str, old: object, new: object) -> Iterator[tuple[str, object, object]]:

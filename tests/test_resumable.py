@@ -1,0 +1,29 @@
+"""A run directory is resumed only by a config its checkpoints fit (checked before Ray starts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.ppo import check_resumable
+from relay.config import dump_config, load_config
+from tests.conftest import DEMO_CONFIG
+
+
+def saved_run(run_dir, *overrides):
+    (run_dir / "checkpoints" / "iter_000004").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(load_config(DEMO_CONFIG, list(overrides))))
+
+
+def test_learner_world_size_model_and_critic_are_fixed_the_rest_may_change(tmp_path):
+    saved_run(tmp_path)
+    changed = lambda *overrides: load_config(DEMO_CONFIG, [f"run.output_dir={tmp_path}", *overrides])  # noqa: E731
+    # What the checkpoints do not depend on may change: CPUs per rank, iterations, learning rates, the KL.
+    check_resumable(changed("policy.resources.cpus_per_rank=0.3", "run.iterations=200",
+                            "policy.learning_rate=1e-5", "algorithm.kl_coef=0.1"), tmp_path)
+    with pytest.raises(ValueError, match=r"the policy's world size \(policy.resources\) = 1, and this config has 2"):
+        check_resumable(changed("policy.resources.cpu_ranks_per_node=2"), tmp_path)
+    with pytest.raises(ValueError, match=r"tiny_model.num_layers = 2, and this config has 3"):
+        check_resumable(changed("tiny_model.num_layers=3"), tmp_path)
+    with pytest.raises(ValueError, match=r"a critic \(algorithm.advantage\) = True, and this config has False"):
+        check_resumable(changed("algorithm.advantage=grpo"), tmp_path)
+    check_resumable(changed("tiny_model.num_layers=3", "run.resume=never"), tmp_path)  # not resumed: no check

@@ -1,6 +1,7 @@
 """Learner: one rank of a DeepSpeed ZeRO trainer. The policy and the critic are two roles of it.
 
-Surface, the same for both roles: `score(batch)` (old log-probs, or values, of this rank's shard), `train(batch)`
+Surface, the same for both roles: `score(batch)` (old log-probs, or values, of this rank's shard; with LoRA the
+policy also gives the reference's, `score_reference`, its adapters switched off), `train(batch)`
 (PPO epochs over this rank's shard), `full_weights()` (for the weight sync), `save(dir)` / `load(dir)`.
 Every rank gets the whole batch by reference and takes its own contiguous shard, so the driver never splits
 tensors. Under ZeRO-3 every collective must run on every rank: all methods here are called on all ranks at once.
@@ -16,7 +17,7 @@ import torch
 from relay import ppo
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
-from relay.models import load_tokenizer, response_logits, response_values, score_in_micro_batches
+from relay.models import add_lora, load_tokenizer, response_logits, response_values, score_in_micro_batches
 from relay.zero import (
     deepspeed_config,
     full_state_dict,
@@ -68,6 +69,10 @@ class Learner:
                                   dropout=self.section.dropout)
         if self.section.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.section.lora is not None:
+            if self.section.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+            model = add_lora(model, self.section.lora, kind)
         self.engine = init_engine(model, self.ds_config, self.section.learning_rate, self.section.weight_decay)
         self.device = self.engine.device
 
@@ -89,6 +94,12 @@ class Learner:
             return output.cpu()
 
         return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)
+
+    def score_reference(self, batch: RolloutBatch) -> torch.Tensor:
+        """A LoRA policy's reference log-probs [b, Lr] of this rank's shard: its base model, adapters switched off,
+        so the reference needs no copy of its own."""
+        with self.engine.module.disable_adapter():
+            return self.score(batch)
 
     def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
         """`algorithm.epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer

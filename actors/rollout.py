@@ -211,18 +211,21 @@ class RolloutFleet:
         return self._join([member for member in self.pending if member.ready in ready_refs])
 
     def _join(self, members: list[_Member]) -> int:
-        loaded = self._call_each(members, self._load_current, "load the current weights")
+        loaded = self._call_each(members, self._load_for_joining, "load the current weights")
         joined = [member for member in members if member in loaded]
         self.pending = [member for member in self.pending if member not in members]
         self.active += joined
         return len(joined)
 
-    def _load_current(self, member: _Member) -> ray.ObjectRef:
+    def _load_for_joining(self, member: _Member) -> ray.ObjectRef:
         ray.get(member.ready)  # a failed start raises here, and the engine is replaced
+        if self.weights.state_dict_ref is None and self.weights.model_path == self.model_path:
+            return ray.put(self.weights.policy_version)  # it started from these weights: nothing to load
+        return self._load_current(member)
+
+    def _load_current(self, member: _Member) -> ray.ObjectRef:
         if self.weights.state_dict_ref is not None:
             return member.worker.load_weights.remote(self.weights.state_dict_ref, self.weights.policy_version)
-        if self.weights.model_path == self.model_path:
-            return ray.put(self.weights.policy_version)  # started from these weights: nothing to load
         return member.worker.load_weights_from.remote(self.weights.model_path, self.weights.policy_version)
 
     def _wait_ready(self, members: list[_Member], what: str) -> list[_Member]:

@@ -201,14 +201,15 @@ class PPOTrainer:
         if config.algorithm.uses_critic:  # critic-free estimators get no critic actors, groups or checkpoints
             self.critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"),
                                      namespace=namespace, role="critic", config=config, model_path=critic_path)
-        self.reference = ActorGroup(Reference, "reference", role_placement(config, "reference"), namespace=namespace,
-                                    share_placement_group=self.policy.placement_group,
-                                    config=config, model_path=self.state.reference_model)
+        if not config.reference_in_policy:
+            self.reference = ActorGroup(Reference, "reference", role_placement(config, "reference"),
+                                        namespace=namespace, share_placement_group=self.policy.placement_group,
+                                        config=config, model_path=self.state.reference_model)
         self.reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
                                  share_placement_group=self.policy.placement_group,
                                  config=config, model_path=self.state.reward_model)
-        for group in (*self.learners, self.reference, self.reward):  # built in parallel, awaited here
-            group.wait_ready()
+        for group in (*self.learners, *([] if config.reference_in_policy else [self.reference]), self.reward):
+            group.wait_ready()  # built in parallel, awaited here
 
     # ---------------------------------------------------------------- one PPO iteration
     def train_iteration(self, iteration: int) -> dict[str, float]:
@@ -223,7 +224,7 @@ class PPOTrainer:
         # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values (with a critic),
         #    rewards.
         with phase("score", metrics):
-            scored = {group.name: group.call("score", batch_ref) for group in self.scorers}
+            scored = {name: group.call(method, batch_ref) for name, group, method in self.scorers}
             if raw_rewards is None:
                 raw_rewards = self.score_rewards(batch, batch_ref, iteration)
             old_logprobs, ref_logprobs, *critic_values = (torch.cat(self.wait(refs, f"{name} (score)"))
@@ -478,9 +479,13 @@ class PPOTrainer:
         return [self.policy, self.critic] if self.config.algorithm.uses_critic else [self.policy]
 
     @property
-    def scorers(self) -> list[ActorGroup]:
-        """Who scores each batch besides the reward: in the order train_iteration unpacks them."""
-        return [self.policy, self.reference, *self.learners[1:]]
+    def scorers(self) -> list[tuple[str, ActorGroup, str]]:
+        """(role, group, method) that score each batch besides the reward, in the order train_iteration unpacks
+        them: old log-probs, reference log-probs (a LoRA policy's own, adapters off), the critic's values."""
+        reference = (("reference (policy-learner, adapters off)", self.policy, "score_reference")
+                     if self.config.reference_in_policy else ("reference", self.reference, "score"))
+        return [("policy-learner", self.policy, "score"), reference,
+                *(("critic-learner", critic, "score") for critic in self.learners[1:])]
 
     def score_rewards(self, batch: RolloutBatch, batch_ref: ray.ObjectRef, iteration: int) -> torch.Tensor:
         """The reward actors' scores [B]. A reward that raises or is not finite stops the run: nothing trains on

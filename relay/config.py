@@ -44,6 +44,18 @@ class Resources(Section):
         return self.num_nodes * self.ranks_per_node
 
 
+class LoraSection(Section):
+    """Low-rank adapters (PEFT's LoRA) trained instead of the whole model; the rest stays frozen."""
+
+    rank: int = Field(8, ge=1, description="r, the adapters' rank")
+    alpha: float = Field(16.0, gt=0, description="the adapters' scale is alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names to adapt (or all-linear)",
+    )
+
+
 class TrainerSection(Section):
     """A DeepSpeed ZeRO learner: the policy or the critic."""
 
@@ -65,6 +77,7 @@ class TrainerSection(Section):
     micro_batch_size: int = Field(4, ge=1, description="sequences per rank per forward/backward")
     gradient_checkpointing: bool = False
     dropout: bool = Field(False, description="keep the model's dropout in training (off: exact ratios and resume)")
+    lora: LoraSection | None = Field(None, description="train LoRA adapters instead of every weight")
 
 
 class InferenceSection(Section):
@@ -395,6 +408,11 @@ class RelayConfig(Section):
     def actor_namespace(self) -> str:
         """Ray namespace of the run's named actors (`rollout-0`, `policy-learner-1`, …): one per run name."""
         return f"{self.ray.namespace}-{self.run.name}"
+
+    @property
+    def reference_in_policy(self) -> bool:
+        """With a LoRA policy the reference is its base model, the adapters switched off, in the policy's actors."""
+        return self.policy.lora is not None and self.reference.model is None
 
     @property
     def samples_per_iteration(self) -> int:

@@ -26,7 +26,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from relay.batch import RolloutBatch
-from relay.config import Dtype, TinyModelSection
+from relay.config import Dtype, LoraSection, TinyModelSection
 
 ModelKind = Literal["causal_lm", "critic", "reward"]
 # For the processes that load and save models (learners, scorers, Ray Train workers): transformers' bars for every
@@ -64,6 +64,47 @@ def load_model(path: str, kind: ModelKind, dtype: Dtype, pad_token_id: int | Non
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA model's full state dict -> the plain model's, each adapted weight merged: W + scaling · B @ A.
+
+    PEFT names the frozen weight `….base_layer.weight` beside `….lora_A.default.weight` [r, in] and
+    `….lora_B.default.weight` [out, r], and a trained head `….modules_to_save.default.…` beside its frozen
+    `….original_module.…`; the result has the names the model has without PEFT, so transformers and vLLM load it.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        name = name.removeprefix(PEFT_PREFIX)
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+            continue
+        if ".base_layer." in name:
+            module, kind = name.split(".base_layer.")
+            if kind == "weight":
+                down = state[f"{PEFT_PREFIX}{module}.lora_A.default.weight"].float()
+                up = state[f"{PEFT_PREFIX}{module}.lora_B.default.weight"].float()
+                tensor = (tensor.float() + scaling * up @ down).to(tensor.dtype)
+            name = f"{module}.{kind}"
+        merged[name.replace(".modules_to_save.default.", ".")] = tensor
+    return merged
+
+
+def add_lora(model: PreTrainedModel, section: LoraSection, kind: ModelKind) -> PreTrainedModel:
+    """`model` with PEFT LoRA adapters on `section.target_modules`, everything else frozen (but a critic's or
+    reward model's score head, which is new and trained whole)."""
+    from peft import LoraConfig, get_peft_model
+
+    task_type = "CAUSAL_LM" if kind == "causal_lm" else "TOKEN_CLS" if kind == "critic" else "SEQ_CLS"
+    config = LoraConfig(r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                        target_modules=section.target_modules, task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def lora_scaling(section: LoraSection) -> float:
+    return section.alpha / section.rank
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -47,7 +47,8 @@ def uses_gpu(config: RelayConfig, role: Role) -> bool:
 
 
 def colocated_roles(config: RelayConfig) -> list[Role]:
-    return [role for role in ("reference", "reward") if scoring_section(config, role).colocate_with_policy]
+    return [role for role in ("reference", "reward") if role in placed_roles(config)
+            and scoring_section(config, role).colocate_with_policy]
 
 
 def scoring_section(config: RelayConfig, role: Role) -> InferenceSection:
@@ -77,8 +78,10 @@ def role_placement(config: RelayConfig, role: Role) -> Placement:
 
 
 def placed_roles(config: RelayConfig) -> list[Role]:
-    """The roles a run places: a critic only for an estimator that needs values (GAE)."""
-    return ["policy", *(["critic"] if config.algorithm.uses_critic else []), "reference", "reward"]
+    """The roles a run places: a critic only for an estimator that needs values (GAE), a reference only when it
+    is not the LoRA policy's own base model."""
+    return ["policy", *(["critic"] if config.algorithm.uses_critic else []),
+            *([] if config.reference_in_policy else ["reference"]), "reward"]
 
 
 def engine_placement(config: RelayConfig) -> Placement:

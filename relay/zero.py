@@ -21,7 +21,7 @@ import deepspeed  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
 from relay.config import Dtype, TrainerSection
-from relay.models import ModelKind, disable_dropout, load_model
+from relay.models import ModelKind, disable_dropout, load_model, merge_lora_state
 from relay.storage import publish_directory
 
 
@@ -127,14 +127,22 @@ def full_parameters(model: torch.nn.Module, zero_stage: int) -> Iterator[tuple[s
 
 
 def full_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on rank 0 (None elsewhere); all ranks must call it together under ZeRO-3."""
+    """The whole model's weights on rank 0 (None elsewhere); all ranks must call it together under ZeRO-3.
+    A LoRA model's adapters come merged into its weights, under the names of the model without them."""
     state = {name: tensor for name, tensor in full_parameters(model, zero_stage) if rank == 0}
     if rank != 0:
         return None
     for name, buffer in model.named_buffers():
         if name in model.state_dict():
             state[name] = buffer.detach().cpu().clone()
-    return state
+    lora = lora_config(model)
+    return merge_lora_state(state, lora.lora_alpha / lora.r) if lora is not None else state
+
+
+def lora_config(model: torch.nn.Module) -> Any:
+    """The PEFT LoRA config of a model with adapters, else None."""
+    peft_config = getattr(model, "peft_config", None)
+    return peft_config["default"] if peft_config else None
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: Any, zero_stage: int, rank: int, path: Path) -> None:
@@ -143,6 +151,7 @@ def save_pretrained(model: PreTrainedModel, tokenizer: Any, zero_stage: int, ran
     if rank != 0:
         return
     partial = path.with_name(path.name + ".partial")
-    model.save_pretrained(partial, state_dict=state)
+    plain = model.get_base_model() if lora_config(model) is not None else model  # saved merged, as a plain model
+    plain.save_pretrained(partial, state_dict=state)
     tokenizer.save_pretrained(partial)
     publish_directory(partial, path)

@@ -17,6 +17,7 @@ from actors.rollout import RolloutFleet
 from jobs.ppo import PPOTrainer
 from relay import ppo
 from relay.batch import request_seeds
+from relay.config import LoraSection
 from relay.data import tokenize_prompt
 from relay.models import load_tokenizer
 from relay.placement import role_placement
@@ -174,3 +175,45 @@ def test_reference_colocated_with_policy_runs_in_the_policy_bundles(ray_session,
     finally:
         reference.shutdown()
         policy.shutdown()
+
+
+def test_lora_policy_trains_adapters_only_gives_the_reference_and_syncs_merged_weights(setup, tiny_model):
+    config, fleet, _ = setup
+    config = config.model_copy(update={"policy": config.policy.model_copy(
+        update={"lora": LoraSection(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])})})
+    lora_policy = ActorGroup(Learner, "lora-policy-learner", role_placement(config, "policy"),
+                             namespace=config.actor_namespace, role="policy", config=config,
+                             model_path=str(tiny_model))
+    try:
+        fleet.load_weights_from(str(tiny_model), policy_version=0)  # earlier tests synced trained weights
+        trainer, batch = make_batch(config, fleet, tiny_model)
+        batch_ref = ray.put(batch)
+        # The reference is the policy's own base model, adapters off: before training both are the base model.
+        reference = torch.cat(ray.get(lora_policy.call("score_reference", batch_ref)))
+        old = torch.cat(ray.get(lora_policy.call("score", batch_ref)))
+        mask = batch.response_mask.bool()
+        assert torch.allclose(reference[mask], batch.sampler_logprobs[mask], atol=1e-4)
+        assert torch.allclose(old[mask], reference[mask], atol=1e-5)  # LoRA's B starts at zero
+
+        advantages = ppo.masked_whiten(torch.randn(mask.shape), batch.response_mask)
+        lora_policy.run("train", ray.put(replace(batch, old_logprobs=old, advantages=advantages)), 1)
+        after = torch.cat(ray.get(lora_policy.call("score_reference", batch_ref)))
+        assert torch.allclose(after[mask], reference[mask], atol=1e-5)  # the base model stayed frozen
+        trained = torch.cat(ray.get(lora_policy.call("score", batch_ref)))
+        assert not torch.allclose(trained[mask], reference[mask], atol=1e-4)  # the adapters learned
+
+        # The sync carries merged weights under the plain model's names: only adapted matrices changed.
+        refs = lora_policy.call("full_weights")
+        fleet.load_weights(refs[0], policy_version=2)
+        state, _ = ray.get(refs)
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
+        assert set(state) == set(base)
+        changed = {name for name in state if not torch.equal(state[name], base[name])}
+        assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
+        merged = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+        merged.load_state_dict(state, strict=True)
+        prompts = [tokenize_prompt(trainer.tokenizer, text) for text in ("31415=", "2718=", "16180339=")]
+        expected = greedy_hf(merged, trainer.tokenizer, prompts)
+        assert all(greedy_vllm(worker, prompts) == expected for worker in fleet.workers)
+    finally:
+        lora_policy.shutdown()

@@ -194,3 +194,24 @@ def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, ad
     assert sorted(path.name for path in (tmp_path / "checkpoints" / "iter_000002").iterdir()) == [
         "deepspeed", "driver_state.json", "policy"]
     assert summary["samples"] == 2 * 4 * 4
+
+
+def test_lora_policy_and_critic_without_a_reference_copy_then_resume(ray_session, tmp_path):
+    lora = ["policy.lora={rank: 4, alpha: 8}", "critic.lora={rank: 4, alpha: 8}", "run.checkpoint_every=1",
+            "policy.learning_rate=0.01"]
+    trainer = PPOTrainer(tiny_run_config(tmp_path, *lora))
+    try:
+        summary = trainer.fit()
+        assert not hasattr(trainer, "reference")  # the reference is the policy's base model, adapters off
+    finally:
+        trainer.shutdown()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert rows[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-5) and rows[1]["policy/kl_ref"] != 0.0
+    # The saved policy is the merged model, a plain transformers checkpoint that differs from the base.
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    assert set(final) == set(base) and any(not torch.equal(final[name], base[name]) for name in final)
+    # The adapters and their optimizer state are in the DeepSpeed checkpoint: the run resumes from it.
+    resumed = run(tiny_run_config(tmp_path, *lora, "run.iterations=3"))
+    assert resumed["samples"] == 3 * 8 * 2 and summary["samples"] == 2 * 8 * 2
+    assert [row["iteration"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]

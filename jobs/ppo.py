@@ -252,9 +252,10 @@ class PPOTrainer:
         # 6. The new policy weights to every rollout worker (all learner ranks take part in the gather).
         with phase("sync", metrics):
             weight_refs = self.policy.call("full_weights")
+            # Gathered first: a learner that dies here is the learner's failure, not the engines' that would load.
+            self.wait(weight_refs, "policy-learner (full_weights)")
             self.state.policy_version += 1
             self.fleet.load_weights(weight_refs[0], self.state.policy_version)
-            self.wait(weight_refs[1:], "policy-learner (full_weights)")
 
         # 7. Statistics (the metrics are logged by the caller) and the KL controller's update.
         kl_per_sequence = ppo.masked_sum(kl, mask, dim=1).mean().item()

@@ -126,9 +126,11 @@ def full_parameters(model: torch.nn.Module, zero_stage: int) -> Iterator[tuple[s
             yield name, parameter.detach().cpu().clone()
 
 
-def full_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+def full_state_dict(model: torch.nn.Module, zero_stage: int, rank: int,
+                    merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 (None elsewhere); all ranks must call it together under ZeRO-3.
-    A LoRA model's adapters come merged into its weights, under the names of the model without them."""
+    A LoRA model's adapters come merged into its weights, under the names of the model without them (unless
+    `merge_lora` is false: then PEFT's own names, adapters apart)."""
     state = {name: tensor for name, tensor in full_parameters(model, zero_stage) if rank == 0}
     if rank != 0:
         return None
@@ -136,7 +138,7 @@ def full_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict[
         if name in model.state_dict():
             state[name] = buffer.detach().cpu().clone()
     lora = lora_config(model)
-    return merge_lora_state(state, lora.lora_alpha / lora.r) if lora is not None else state
+    return merge_lora_state(state, lora.lora_alpha / lora.r) if lora is not None and merge_lora else state
 
 
 def lora_config(model: torch.nn.Module) -> Any:
@@ -146,12 +148,29 @@ def lora_config(model: torch.nn.Module) -> Any:
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: Any, zero_stage: int, rank: int, path: Path) -> None:
-    """Hugging Face format, whole, written by rank 0 into `path.partial` and renamed when complete."""
-    state = full_state_dict(model, zero_stage, rank)
+    """Hugging Face format, whole, written by rank 0 into `path.partial` and renamed when complete. A LoRA model is
+    saved merged (a plain model, for transformers and vLLM), and its adapter beside it in PEFT's format under
+    `<path>_adapter` (for PEFT, or vLLM's LoRA requests)."""
+    raw = full_state_dict(model, zero_stage, rank, merge_lora=False)
     if rank != 0:
         return
+    assert raw is not None
+    lora = lora_config(model)
+    if lora is not None:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        adapter_dir = path.with_name(path.name + "_adapter")
+        adapter_partial = adapter_dir.with_name(adapter_dir.name + ".partial")
+        adapter_partial.mkdir(parents=True, exist_ok=True)
+        adapter = get_peft_model_state_dict(model, state_dict=raw)
+        save_file({name: tensor.contiguous() for name, tensor in adapter.items()},
+                  str(adapter_partial / "adapter_model.safetensors"))
+        lora.save_pretrained(str(adapter_partial))
+        publish_directory(adapter_partial, adapter_dir)
+    state = merge_lora_state(raw, lora.lora_alpha / lora.r) if lora is not None else raw
     partial = path.with_name(path.name + ".partial")
-    plain = model.get_base_model() if lora_config(model) is not None else model  # saved merged, as a plain model
+    plain = model.get_base_model() if lora is not None else model  # saved merged, as a plain model
     plain.save_pretrained(partial, state_dict=state)
     tokenizer.save_pretrained(partial)
     publish_directory(partial, path)

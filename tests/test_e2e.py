@@ -166,13 +166,10 @@ def test_sigterm_checkpoints_the_last_iteration_and_the_run_resumes_from_it(tmp_
     assert not (run_dir / "summary.json").exists()  # stopped, not finished
 
 
-@pytest.mark.parametrize("advantage, dynamic_sampling", [("grpo", True), ("reinforce_pp", False)])
-def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, advantage, dynamic_sampling):
-    config = tiny_run_config(tmp_path, f"algorithm.advantage={advantage}", "algorithm.kl_placement=loss",
-                             "algorithm.kl_estimator=k3", "rollout.samples_per_prompt=4", "data.prompts_per_iteration=4",
-                             "policy.lr_warmup_steps=1", "policy.lr_schedule=cosine",
-                             f"algorithm.dynamic_sampling={str(dynamic_sampling).lower()}",
-                             "algorithm.max_sampling_rounds=3")
+@pytest.mark.parametrize("advantage", ["rloo", "reinforce_pp"])
+def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, advantage):
+    config = tiny_run_config(tmp_path, f"algorithm.advantage={advantage}", "rollout.samples_per_prompt=4",
+                             "data.prompts_per_iteration=4")
     trainer = PPOTrainer(config)
     try:
         summary = trainer.fit()
@@ -182,36 +179,49 @@ def test_critic_free_estimators_train_without_a_critic(ray_session, tmp_path, ad
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["iteration"] for row in rows] == [1, 2]
     assert all(math.isfinite(value) for row in rows for value in row.values())
-    assert "losses/value" not in rows[0] and "losses/kl_ref" in rows[0]  # the KL is a loss term here
-    assert rows[1]["policy/lr"] < rows[0]["policy/lr"]  # cosine decay after one warm-up step
-    if dynamic_sampling:
-        # The random-init model's samples mostly all score 0: such groups are dropped and more prompts sampled;
-        # the batch is full all the same (samples below), and the data cursor moved past every prompt drawn.
-        assert all(0.0 <= row["sampling/dropped_share"] <= 1.0 and 1 <= row["sampling/rounds"] <= 3 for row in rows)
-        rounds = sum(row["sampling/rounds"] for row in rows)
-        state = json.loads((tmp_path / "checkpoints" / "iter_000002" / "driver_state.json").read_text())
-        assert state["data_cursor"] == 4 * rounds
-    assert sorted(path.name for path in (tmp_path / "checkpoints" / "iter_000002").iterdir()) == [
-        "deepspeed", "driver_state.json", "policy"]
+    assert "losses/value" not in rows[0] and "losses/kl_ref" not in rows[0]  # the KL is in the reward here
+    assert rows[1]["policy/kl_ref"] != 0.0
     assert summary["samples"] == 2 * 4 * 4
 
 
-def test_lora_policy_and_critic_without_a_reference_copy_then_resume(ray_session, tmp_path):
-    lora = ["policy.lora={rank: 4, alpha: 8}", "critic.lora={rank: 4, alpha: 8}", "run.checkpoint_every=1",
-            "policy.learning_rate=0.01"]
-    trainer = PPOTrainer(tiny_run_config(tmp_path, *lora))
+def test_grpo_with_a_lora_policy_dynamic_sampling_and_a_kl_loss_then_resume(ray_session, tmp_path):
+    """No critic (GRPO) and no reference copy (the LoRA policy's base model, adapters off): only the policy's
+    actors, the reward's and the engines'."""
+    overrides = ["algorithm.advantage=grpo", "algorithm.dynamic_sampling=true", "algorithm.max_sampling_rounds=3",
+                 "algorithm.kl_placement=loss", "algorithm.kl_estimator=k3", "rollout.samples_per_prompt=4",
+                 "data.prompts_per_iteration=4", "policy.lora={rank: 4, alpha: 8}", "policy.learning_rate=0.01",
+                 "policy.lr_warmup_steps=1", "policy.lr_schedule=cosine", "run.checkpoint_every=1"]
+    trainer = PPOTrainer(tiny_run_config(tmp_path, *overrides))
     try:
         summary = trainer.fit()
-        assert not hasattr(trainer, "reference")  # the reference is the policy's base model, adapters off
+        assert not hasattr(trainer, "critic") and not hasattr(trainer, "reference")
     finally:
         trainer.shutdown()
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert rows[0]["policy/kl_ref"] == pytest.approx(0.0, abs=1e-5) and rows[1]["policy/kl_ref"] != 0.0
+    assert [row["iteration"] for row in rows] == [1, 2]
+    assert all(math.isfinite(value) for row in rows for value in row.values())
+    assert "losses/value" not in rows[0] and "losses/kl_ref" in rows[0]  # the KL is a loss term here
+    assert rows[1]["policy/lr"] < rows[0]["policy/lr"]  # cosine decay after one warm-up step
+    # The random-init model's samples mostly all score 0: such groups are dropped and more prompts sampled; the
+    # batch is full all the same (samples below), and the data cursor moved past every prompt drawn.
+    assert all(0.0 <= row["sampling/dropped_share"] <= 1.0 and 1 <= row["sampling/rounds"] <= 3 for row in rows)
+    checkpoint = tmp_path / "checkpoints" / "iter_000002"
+    assert json.loads((checkpoint / "driver_state.json").read_text())["data_cursor"] == 4 * sum(
+        row["sampling/rounds"] for row in rows)
+    assert sorted(path.name for path in checkpoint.iterdir()) == [
+        "deepspeed", "driver_state.json", "policy", "policy_adapter"]
+    assert summary["samples"] == 2 * 4 * 4
     # The saved policy is the merged model, a plain transformers checkpoint that differs from the base.
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "policy").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
     assert set(final) == set(base) and any(not torch.equal(final[name], base[name]) for name in final)
+    # The adapter, in PEFT's format, applied to the base model gives the merged policy.
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                        checkpoint / "policy_adapter").merge_and_unload().state_dict()
+    assert all(torch.allclose(adapted[name], final[name], atol=1e-6) for name in final)
     # The adapters and their optimizer state are in the DeepSpeed checkpoint: the run resumes from it.
-    resumed = run(tiny_run_config(tmp_path, *lora, "run.iterations=3"))
-    assert resumed["samples"] == 3 * 8 * 2 and summary["samples"] == 2 * 8 * 2
+    resumed = run(tiny_run_config(tmp_path, *overrides, "run.iterations=3"))
+    assert resumed["samples"] == 3 * 4 * 4
     assert [row["iteration"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]

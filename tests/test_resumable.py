@@ -27,3 +27,16 @@ def test_learner_world_size_model_and_critic_are_fixed_the_rest_may_change(tmp_p
     with pytest.raises(ValueError, match=r"a critic \(algorithm.advantage\) = True, and this config has False"):
         check_resumable(changed("algorithm.advantage=grpo"), tmp_path)
     check_resumable(changed("tiny_model.num_layers=3", "run.resume=never"), tmp_path)  # not resumed: no check
+
+
+def test_keep_checkpoints_prunes_the_oldest_complete_ones(tmp_path):
+    from jobs.ppo import PPOTrainer
+
+    trainer = PPOTrainer(load_config(DEMO_CONFIG, [f"run.output_dir={tmp_path}", "run.keep_checkpoints=2",
+                                                   "data.train_prompts=64", "data.eval_prompts=8"]))
+    for iteration in (2, 4, 6, 8):
+        (tmp_path / "checkpoints" / f"iter_{iteration:06d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "iter_000010.partial").mkdir()  # being written: not a checkpoint yet
+    trainer.prune_checkpoints()
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
+        "iter_000006", "iter_000008", "iter_000010.partial"]

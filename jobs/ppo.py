@@ -1,11 +1,13 @@
-"""The PPO driver: prompts → generate → score → advantages → train → sync → metrics, once per iteration.
+"""The RL driver: prompts → generate → score → advantages → train → sync → metrics, once per iteration.
 
     python -m jobs.ppo --config jobs/configs/demo.yaml [dotted.key=value ...]
     ray job submit --working-dir . -- python -m jobs.ppo --config jobs/configs/demo.yaml
 
-With `tiny_model` in the config the policy is built locally (no download); with `warm_start` it is first
-fine-tuned on the task's demonstrations (jobs/sft.py). The run directory gets metrics.jsonl, TensorBoard events,
-checkpoints (`resume: auto` continues from the newest), summary.json, reward_curve.png and the final policy.
+PPO with GAE and a critic by default; GRPO, RLOO or REINFORCE++ without one (`algorithm.advantage`). Prompts come
+from `data.prompts` (a dataset) or `data.task`. With `tiny_model` the policy is built locally (no download); with
+`warm_start` it is first fine-tuned on demonstrations (jobs/sft.py). The run directory gets metrics.jsonl,
+TensorBoard events, checkpoints (`resume: auto` continues from the newest), summary.json, reward_curve.png and the
+final policy.
 """
 
 from __future__ import annotations

@@ -205,13 +205,20 @@ def load_dataset_prompts(data: DataSection, parser: PromptParser) -> tuple[Promp
         train = LazyPrompts(dataset, data.prompts, data.split, parser, indices)
         check_sample(train, data, parser)
     if data.eval_data is not None:
-        eval_source = data.prompts if eval_is_split else data.eval_data
-        eval_split = data.eval_data if eval_is_split else data.split
-        eval_rows = sample_rows(read_rows(eval_source, eval_split, data.subset if eval_is_split else None),
+        eval_rows = sample_rows(read_rows(*eval_source(data)),
                                 data.eval_prompts, data.seed)
     if not len(train):
         raise ValueError(f"{data.prompts}: no training prompts")
     return train, parse_all(parser, eval_rows, data.eval_data or f"{data.prompts} (held out)")
+
+
+def eval_source(data: DataSection) -> tuple[str, str, str | None]:
+    """(source, split, subset) of data.eval_data for read_rows: a file or directory of its own, or else a split
+    of data.prompts."""
+    assert data.eval_data is not None and data.prompts is not None
+    if Path(data.eval_data).exists():
+        return data.eval_data, data.split, None
+    return data.prompts, data.eval_data, data.subset
 
 
 def is_local(source: str) -> bool:
@@ -247,8 +254,7 @@ def data_alphabet(config: RelayConfig) -> str:
     data = config.data
     sources = [(data.prompts, data.split, data.subset)]
     if data.eval_data is not None:
-        eval_is_split = not Path(data.eval_data).exists()
-        sources.append((data.prompts, data.eval_data, data.subset) if eval_is_split else (data.eval_data, "train", None))
+        sources.append(eval_source(data))
     if config.warm_start is not None and config.warm_start.data is not None:
         sources.append((config.warm_start.data, "train", None))
     characters: set[str] = set(data.chat_template or "")

@@ -32,7 +32,7 @@ Role = Literal["policy", "critic"]
 
 
 class NonFiniteLoss(RuntimeError):
-    """More micro-batches had a non-finite loss than run.max_nonfinite_steps allows."""
+    """More non-finite losses and gradients than run.max_nonfinite_steps allows."""
 
 
 class Learner:
@@ -45,7 +45,7 @@ class Learner:
         self.seed = config.run.seed
         self.section = config.policy if role == "policy" else config.critic
         self.max_nonfinite = config.run.max_nonfinite_steps
-        self.nonfinite_micro_batches = 0
+        self.nonfinite_count = 0  # micro-batches with a non-finite loss + optimizer steps with a non-finite gradient
         init_distributed()
         torch.manual_seed(self.seed + rank)
 
@@ -109,7 +109,7 @@ class Learner:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
         mini_batch_rows = len(shard) // self.algorithm.mini_batches  # the config checks that both divide evenly
         totals: dict[str, float] = {}
-        count = skipped = 0
+        count = skipped_micro_batches = skipped_steps = 0
         for _ in range(self.algorithm.epochs):
             for mini_batch in torch.randperm(len(shard), generator=generator).split(mini_batch_rows):
                 micro_batches = mini_batch.split(self.section.micro_batch_size)
@@ -118,27 +118,39 @@ class Learner:
                     if not torch.isfinite(loss):
                         # Nothing trains on a non-finite loss: this micro-batch's gradient is exactly zero (through
                         # the finite model output, so every rank and ZeRO stage keeps its step), and it is counted.
-                        skipped += 1
-                        self.nonfinite_micro_batches += 1
-                        if self.nonfinite_micro_batches > self.max_nonfinite:
-                            raise NonFiniteLoss(f"{self.role} learner rank {self.rank}: "
-                                                f"{self.nonfinite_micro_batches} micro-batches with a non-finite loss, "
-                                                f"more than run.max_nonfinite_steps={self.max_nonfinite}")
+                        skipped_micro_batches += 1
+                        self._count_nonfinite("a non-finite loss")
                         loss, stats = (output * 0.0).sum(), {}
                     self.engine.backward(loss)
                     # DeepSpeed counts micro-steps itself and updates at its accumulation boundary: that must be
                     # this mini-batch's last micro-batch, or gradients would leak into the next step (or iteration).
-                    if self.engine.is_gradient_accumulation_boundary() != (position == len(micro_batches) - 1):
+                    boundary = position == len(micro_batches) - 1
+                    if self.engine.is_gradient_accumulation_boundary() != boundary:
                         raise RuntimeError(
                             f"{self.role} learner: DeepSpeed's accumulation boundary is out of step with mini-batch "
                             f"of {len(micro_batches)} micro-batches at micro-batch {position}"
                         )
                     self.engine.step()
+                    if boundary and not self.engine.was_step_applied():
+                        # A finite loss can still give a non-finite gradient. ZeRO computes the global gradient norm
+                        # (over all ranks) before it steps and drops the step and its gradients when the norm is
+                        # not finite, on every rank alike: the weights and optimizer state stay as they were.
+                        skipped_steps += 1
+                        self._count_nonfinite("a non-finite gradient")
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + value
                     count += bool(stats)
         means = {name: total / count for name, total in totals.items()}
-        return means | {f"losses/{self.role}_nonfinite": float(skipped), f"{self.role}/lr": self.engine.get_lr()[0]}
+        return means | {f"losses/{self.role}_nonfinite": float(skipped_micro_batches),
+                        f"losses/{self.role}_skipped_steps": float(skipped_steps),
+                        f"{self.role}/lr": self.engine.get_lr()[0]}
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.nonfinite_count += 1
+        if self.nonfinite_count > self.max_nonfinite:
+            raise NonFiniteLoss(f"{self.role} learner rank {self.rank}: {what} makes {self.nonfinite_count} "
+                                f"non-finite losses or gradients, more than run.max_nonfinite_steps="
+                                f"{self.max_nonfinite}")
 
     def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """(loss, its statistics, the model output it came from)."""

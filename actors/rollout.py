@@ -167,7 +167,9 @@ class RolloutFleet:
         self.weights = _Weights(policy_version=0, model_path=model_path)
         self._next_index = 0
         self._add(config.rollout.num_workers)
-        self._join(self._wait_ready(self.pending, "the first rollout engines to start"))
+        # The run starts once one engine is up; the others join at an iteration boundary when they are (as when
+        # scaling up), so an engine that is slow to start, or cannot be placed yet, does not hold the start.
+        self._wait_for_an_engine("a first rollout engine to start")
 
     @property
     def workers(self) -> list[Any]:
@@ -228,14 +230,17 @@ class RolloutFleet:
             return member.worker.load_weights.remote(self.weights.state_dict_ref, self.weights.policy_version)
         return member.worker.load_weights_from.remote(self.weights.model_path, self.weights.policy_version)
 
-    def _wait_ready(self, members: list[_Member], what: str) -> list[_Member]:
-        _, late = ray.wait([member.ready for member in members], num_returns=len(members),
-                           timeout=self.call_timeout_s)
-        if late:
-            names = ", ".join(f"rollout-{member.index}" for member in members if member.ready in late)
-            raise TimeoutError(f"waited run.call_timeout_s={self.call_timeout_s:.0f} s for {what}: {names} did not "
-                               "start (not enough free resources for their placement groups?)")
-        return members
+    def _wait_for_an_engine(self, what: str) -> None:
+        """Until an engine is active: pending ones join as they come up (a failed start is replaced, within
+        rollout.max_failures)."""
+        while not self.active:
+            ready, _ = ray.wait([member.ready for member in self.pending], num_returns=1,
+                                timeout=self.call_timeout_s)
+            if not ready:
+                names = ", ".join(f"rollout-{member.index}" for member in self.pending)
+                raise TimeoutError(f"waited run.call_timeout_s={self.call_timeout_s:.0f} s for {what}: none of "
+                                   f"{names} started (not enough free resources for their placement groups?)")
+            self.join_ready()
 
     def generate(
         self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seeds: list[int]
@@ -245,9 +250,8 @@ class RolloutFleet:
         results: list[list[Sample]] = [[] for _ in prompt_token_ids]
         todo = list(range(len(prompt_token_ids)))
         while todo:
-            if not self.active:  # the last engine failed: its replacement must come up first
-                self._join(self._wait_ready(self.pending[:1], "a replacement rollout engine"))
-                continue
+            if not self.active:  # the last engine failed: a replacement must come up first
+                self._wait_for_an_engine("a replacement rollout engine")
             chunks = dict(zip(self.active, _split_evenly(todo, len(self.active))))
 
             def generate_chunk(member: _Member) -> ray.ObjectRef:

@@ -292,7 +292,8 @@ class RunSection(Section):
     )
     max_restarts: int = Field(2, ge=0, description="restarts of every role from the newest checkpoint when one dies")
     max_nonfinite_steps: int = Field(
-        10, ge=0, description="micro-batches with a non-finite loss skipped (zero gradient) before the run stops"
+        10, ge=0, description="non-finite losses (micro-batch trained with zero gradient) and gradients (optimizer "
+        "step dropped) a learner skips before the run stops"
     )
     stop_grace_s: int = Field(
         300, ge=3, description="relay submit: how long `relay stop` lets the driver checkpoint before Ray kills it"

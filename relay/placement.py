@@ -109,9 +109,9 @@ def run_placement_groups(config: RelayConfig) -> list[tuple[Strategy, list[dict[
 
 
 def resource_shortfall(config: RelayConfig, available: dict[str, float]) -> str | None:
-    """What the run's placement groups need beyond `available` (Ray's cluster resources), role by role, or None."""
-    engine = engine_placement(config)
-    needs = {f"{config.rollout.num_workers} rollout engine(s)": _totals([engine.bundles] * config.rollout.num_workers)}
+    """What the run's placement groups need to start beyond `available` (Ray's cluster resources), role by role,
+    or None. A run starts with its learners and one rollout engine: further engines join when they place."""
+    needs = {"a rollout engine": _totals([engine_placement(config).bundles])}
     for role in placed_roles(config):
         placement = role_placement(config, role)
         if not placement.colocated:

@@ -22,6 +22,7 @@ from relay.data import tokenize_prompt
 from relay.models import load_tokenizer
 from relay.placement import role_placement
 from tests.conftest import tiny_run_config
+from tests.live_ray import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def setup(ray_session, tiny_model, tmp_path_factory):
     fleet = RolloutFleet(config, str(tiny_model))
     policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=config.actor_namespace,
                         role="policy", config=config, model_path=str(tiny_model))
+    wait_for(lambda: fleet.join_ready() + len(fleet.active) == 2, 300, "both rollout engines to join")
     yield config, fleet, policy
     fleet.shutdown()
     policy.shutdown()
@@ -51,6 +53,22 @@ def make_batch(config, fleet, tiny_model):
     trainer.fleet = fleet
     return trainer, trainer.generate([trainer.data.train.get(i) for i in range(8)], samples_per_prompt=2, seed=7,
                                      iteration=1)
+
+
+def test_the_fleet_starts_with_the_engines_that_place_and_the_others_wait(setup, tiny_model, tmp_path):
+    # Two engines of 4.5 CPUs on an 8-CPU instance: one places, the other cannot until resources free up.
+    config = tiny_run_config(tmp_path, "rollout.num_workers=2", "rollout.cpus_per_worker=4.5")
+    fleet = RolloutFleet(config, str(tiny_model))
+    try:
+        assert len(fleet.active) == 1 and len(fleet.pending) == 1
+        tokenizer = load_tokenizer(str(tiny_model))
+        prompts = [tokenize_prompt(tokenizer, f"{n:04d}=") for n in range(3)]
+        samples = fleet.generate(prompts, samples_per_prompt=2, temperature=1.0, seeds=request_seeds(0, 1, 3))
+        assert [len(prompt_samples) for prompt_samples in samples] == [2, 2, 2]
+        assert fleet.join_ready() == 0 and len(fleet.pending) == 1  # still unplaced: no failure, no replacement
+        assert fleet.failures == 0
+    finally:
+        fleet.shutdown()
 
 
 def test_fleet_splits_prompts_and_returns_each_once_in_order(setup, tiny_model):

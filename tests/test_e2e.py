@@ -89,6 +89,15 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
     final_resumed = AutoModelForCausalLM.from_pretrained(run_dir / "policy").state_dict()
     assert all(torch.equal(final_straight[name], final_resumed[name]) for name in final_straight)
 
+    # A crash after the final checkpoint but before summary.json: the next start trains nothing and finishes.
+    (straight_dir / "summary.json").unlink()
+    (straight_dir / "policy").unlink()
+    finished = run(tiny_run_config(straight_dir, *overrides, "run.iterations=3"))
+    assert {**finished, "wall_seconds": 0} == {**straight, "wall_seconds": 0}
+    assert json.loads((straight_dir / "summary.json").read_text()) == finished
+    assert [row["iteration"] for row in read_metrics(straight_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert (straight_dir / "policy").resolve() == (straight_dir / "checkpoints" / "iter_000003" / "policy").resolve()
+
 
 def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_path):
     import pyarrow as pa

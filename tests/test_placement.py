@@ -57,11 +57,13 @@ def test_resource_shortfall_names_each_role_and_what_the_cluster_has():
     config = load_config(DEMO_CONFIG)
     assert resource_shortfall(config, {"CPU": 2.0}) is None  # demo.yaml fits a 2-CPU machine (1.5 CPUs)
     assert resource_shortfall(config, {"CPU": 1.0}) == (
-        "the run needs 1.5 CPU (1 rollout engine(s) 0.4 CPU, policy 0.4 CPU, critic 0.4 CPU, reference 0.2 CPU, "
+        "the run needs 1.5 CPU (a rollout engine 0.4 CPU, policy 0.4 CPU, critic 0.4 CPU, reference 0.2 CPU, "
         "reward 0.1 CPU); the cluster has 1 CPU")
+    # Engines beyond the first may wait for resources (they join when placed), as when scaling up.
+    assert resource_shortfall(load_config(DEMO_CONFIG, ["rollout.num_workers=4"]), {"CPU": 2.0}) is None
     gpu = load_config(DEMO_CONFIG, ["device=cuda", "warm_start=null", "policy.resources.gpus_per_node=1",
                                     "critic.resources.gpus_per_node=1", "reference.resources.gpus_per_node=1"])
-    assert resource_shortfall(gpu, {"CPU": 8.0}).startswith("the run needs 4 GPU (1 rollout engine(s) 1 GPU, policy")
+    assert resource_shortfall(gpu, {"CPU": 8.0}).startswith("the run needs 4 GPU (a rollout engine 1 GPU, policy")
 
 
 def test_an_output_dir_under_a_file_is_refused(tmp_path):

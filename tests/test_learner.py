@@ -1,0 +1,88 @@
+"""The learner in this process, one rank, no Ray: what it does with a gradient that is not finite.
+
+A finite loss can still give a NaN or infinite gradient (an overflow in the backward pass). No such step may reach
+the weights or the optimizer state, and each is counted against run.max_nonfinite_steps like a non-finite loss."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from relay.batch import RolloutBatch
+from relay.config import RelayConfig
+from tests.conftest import tiny_run_config
+
+pytestmark = pytest.mark.slow  # DeepSpeed engines, ZeRO-2 and ZeRO-3
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-rank gloo process group for the learners built here; gone with the module."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                   "LOCAL_RANK": "0"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        yield
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def synthetic_batch(config: RelayConfig, vocab_size: int) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(0)
+    rows, prompt_length, response_length = config.samples_per_iteration, 5, config.rollout.max_new_tokens
+    response_mask = torch.ones(rows, response_length)
+    response_mask[::2, -3:] = 0  # some responses end early
+    return RolloutBatch(
+        query_ids=torch.randint(3, vocab_size, (rows, prompt_length), generator=generator),
+        query_mask=torch.ones(rows, prompt_length),
+        response_ids=torch.randint(3, vocab_size, (rows, response_length), generator=generator),
+        response_mask=response_mask,
+        sampler_logprobs=torch.full((rows, response_length), -2.0),
+        prompts=[""] * rows, responses=[""] * rows, metadata=[{}] * rows, policy_version=0,
+        old_logprobs=torch.full((rows, response_length), -2.0),
+        advantages=torch.randn(rows, response_length, generator=generator),
+    )
+
+
+def nan_gradient(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged in value, with a NaN gradient: sqrt's derivative at 0 is infinite, times 0 is NaN."""
+    return loss + (output.sum() * 0.0).clamp(min=0.0).sqrt()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted(
+        one_rank_group, tiny_model, tmp_path, zero_stage):
+    from actors.learner import Learner, NonFiniteLoss
+
+    config = tiny_run_config(tmp_path, f"policy.zero_stage={zero_stage}", "run.max_nonfinite_steps=2",
+                             "algorithm.mini_batches=2", "algorithm.epochs=1")
+    learner = Learner("policy", config, str(tiny_model), rank=0, world_size=1)
+    batch = synthetic_batch(config, learner.tokenizer.vocab_size)
+    before = learner.full_weights()
+    assert before is not None
+
+    loss = learner._loss
+    learner._loss = lambda part: (lambda value, stats, output: (nan_gradient(value, output), stats, output))(
+        *loss(part))
+    stats = learner.train(batch, iteration=1)
+    # Two mini-batches, two optimizer steps, both dropped; every loss was finite, so none was zeroed.
+    assert stats["losses/policy_skipped_steps"] == 2.0 and stats["losses/policy_nonfinite"] == 0.0
+    assert torch.isfinite(torch.tensor(stats["losses/policy"]))
+    after = learner.full_weights()
+    assert after is not None and all(torch.equal(before[name], after[name]) for name in before)
+
+    with pytest.raises(NonFiniteLoss, match=r"non-finite gradient makes 3 .* run\.max_nonfinite_steps=2"):
+        learner.train(batch, iteration=2)
+
+    learner._loss = loss  # a healthy step trains again: the dropped ones left no gradient or state behind
+    stats = learner.train(batch, iteration=3)
+    assert stats["losses/policy_skipped_steps"] == 0.0
+    trained = learner.full_weights()
+    assert trained is not None and all(torch.isfinite(tensor).all() for tensor in trained.values())
+    assert any(not torch.equal(before[name], trained[name]) for name in before)

@@ -558,12 +558,17 @@ class PPOTrainer:
         return final
 
     def prune_checkpoints(self) -> None:
-        """Keep the newest `run.keep_checkpoints` complete checkpoints (all when 0)."""
+        """Keep the newest `run.keep_checkpoints` complete checkpoints (all when 0), and every older one that is still
+        named: by a link in the run directory (`policy`, `policy_best`) or by a pin, a file under `<run_dir>/pins/`
+        that holds a checkpoint's name (whoever serves a checkpoint pins it while it does)."""
         keep = self.config.run.keep_checkpoints
-        complete = sorted(path for path in (self.run_dir / "checkpoints").glob("iter_*")
-                          if not path.name.endswith(".partial"))
+        checkpoints = self.run_dir / "checkpoints"
+        complete = sorted(path for path in checkpoints.glob("iter_*") if not path.name.endswith(".partial"))
+        named = {link.resolve().parent.name for link in self.run_dir.glob("policy*") if link.is_symlink()}
+        named |= {pin.read_text().strip() for pin in (self.run_dir / "pins").glob("*") if pin.is_file()}
         for old in complete[:-keep] if keep else []:
-            shutil.rmtree(old)
+            if old.name not in named:
+                shutil.rmtree(old)
 
     def finish(self, summary: dict, final_checkpoint: Path) -> None:
         link = self.run_dir / "policy"

@@ -29,14 +29,17 @@ def test_learner_world_size_model_and_critic_are_fixed_the_rest_may_change(tmp_p
     check_resumable(changed("tiny_model.num_layers=3", "run.resume=never"), tmp_path)  # not resumed: no check
 
 
-def test_keep_checkpoints_prunes_the_oldest_complete_ones(tmp_path):
+def test_keep_checkpoints_prunes_the_oldest_complete_ones_that_nothing_names(tmp_path):
     from jobs.ppo import PPOTrainer
 
     trainer = PPOTrainer(load_config(DEMO_CONFIG, [f"run.output_dir={tmp_path}", "run.keep_checkpoints=2",
                                                    "data.train_prompts=64", "data.eval_prompts=8"]))
-    for iteration in (2, 4, 6, 8):
-        (tmp_path / "checkpoints" / f"iter_{iteration:06d}").mkdir(parents=True)
-    (tmp_path / "checkpoints" / "iter_000010.partial").mkdir()  # being written: not a checkpoint yet
+    for iteration in (2, 4, 6, 8, 10, 12):
+        (tmp_path / "checkpoints" / f"iter_{iteration:06d}" / "policy").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "iter_000014.partial").mkdir()  # being written: not a checkpoint yet
+    (tmp_path / "policy_best").symlink_to("checkpoints/iter_000004/policy")  # the best so far
+    (tmp_path / "pins").mkdir()
+    (tmp_path / "pins" / "serve-1234").write_text("iter_000006\n")  # being served
     trainer.prune_checkpoints()
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
-        "iter_000006", "iter_000008", "iter_000010.partial"]
+        "iter_000004", "iter_000006", "iter_000010", "iter_000012", "iter_000014.partial"]

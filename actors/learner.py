@@ -2,15 +2,17 @@
 
 Surface, the same for both roles: `score(batch)` (old log-probs, or values, of this rank's shard; with LoRA the
 policy also gives the reference's, `score_reference`, its adapters switched off), `train(batch)`
-(PPO epochs over this rank's shard), `full_weights()` (for the weight sync), `save(dir)` / `load(dir)`.
+(PPO epochs over this rank's shard), `weight_buckets()` (for the weight sync), `save(dir)` / `load(dir)`.
 Every rank gets the whole batch by reference and takes its own contiguous shard, so the driver never splits
 tensors. Under ZeRO-3 every collective must run on every rank: all methods here are called on all ranks at once.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 
@@ -20,12 +22,12 @@ from relay.config import RelayConfig
 from relay.models import add_lora, load_tokenizer, response_logits, response_values, score_in_micro_batches
 from relay.zero import (
     deepspeed_config,
-    full_state_dict,
     init_distributed,
     init_engine,
     load_for_training,
     lr_scheduler,
     save_pretrained,
+    weight_buckets,
 )
 
 Role = Literal["policy", "critic"]
@@ -33,6 +35,13 @@ Role = Literal["policy", "critic"]
 
 class NonFiniteLoss(RuntimeError):
     """More non-finite losses and gradients than run.max_nonfinite_steps allows."""
+
+
+@dataclass(frozen=True)
+class GatherSummary:
+    buckets: int
+    bytes: int
+    seconds: float
 
 
 class Learner:
@@ -188,9 +197,17 @@ class Learner:
         """Parameter elements this rank holds (under ZeRO-3 its partition only)."""
         return sum(getattr(p, "ds_tensor", p).numel() for p in self.engine.module.parameters())
 
-    def full_weights(self) -> dict[str, torch.Tensor] | None:
-        """The whole model on rank 0 (None on the others); all ranks must call it together."""
-        return full_state_dict(self.engine.module, self.section.zero_stage, self.rank)
+    def weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor] | GatherSummary]:
+        """Called as a Ray streaming generator, on all ranks together: rank 0 yields the whole model in buckets
+        (see relay.zero.weight_buckets), then every rank yields its `GatherSummary`."""
+        started = time.perf_counter()
+        buckets = size = 0
+        for bucket in weight_buckets(self.engine.module, self.section.zero_stage, self.rank,
+                                      int(bucket_mb * 2**20)):
+            buckets += 1
+            size += sum(tensor.numel() * tensor.element_size() for tensor in bucket.values())
+            yield bucket
+        yield GatherSummary(buckets, size, time.perf_counter() - started)
 
     def save(self, checkpoint_dir: str) -> None:
         """Hugging Face weights (rank 0) under `<dir>/<role>` and DeepSpeed states under `<dir>/deepspeed/<role>`."""

@@ -112,9 +112,13 @@ class RolloutWorker:
                     ]
         return results
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> int:
-        """Load the policy learner's full weights in place (vLLM's own reload) and record their version."""
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+    def load_weights(self, buckets: list[ray.ObjectRef], policy_version: int) -> int:
+        """Load the policy learner's weights in place, bucket by bucket (vLLM's own reload, which rebuilds each
+        layer a bucket touches: a bucket holds whole decoder blocks), and record their version."""
+        for ref in buckets:
+            bucket = ray.get(ref)
+            self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket.items())})
+            del bucket  # one bucket in memory at a time
         self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version
@@ -137,12 +141,12 @@ class _Member:
 
 @dataclass
 class _Weights:
-    """What the active engines hold: a checkpoint directory, or full weights in the object store (kept referenced,
+    """What the active engines hold: a checkpoint directory, or weight buckets in the object store (kept referenced,
     so that an engine that joins later loads exactly these)."""
 
     policy_version: int
     model_path: str | None = None
-    state_dict_ref: ray.ObjectRef | None = None
+    buckets: list[ray.ObjectRef] | None = None
 
 
 class RolloutFleet:
@@ -221,13 +225,13 @@ class RolloutFleet:
 
     def _load_for_joining(self, member: _Member) -> ray.ObjectRef:
         ray.get(member.ready)  # a failed start raises here, and the engine is replaced
-        if self.weights.state_dict_ref is None and self.weights.model_path == self.model_path:
+        if self.weights.buckets is None and self.weights.model_path == self.model_path:
             return ray.put(self.weights.policy_version)  # it started from these weights: nothing to load
         return self._load_current(member)
 
     def _load_current(self, member: _Member) -> ray.ObjectRef:
-        if self.weights.state_dict_ref is not None:
-            return member.worker.load_weights.remote(self.weights.state_dict_ref, self.weights.policy_version)
+        if self.weights.buckets is not None:
+            return member.worker.load_weights.remote(self.weights.buckets, self.weights.policy_version)
         return member.worker.load_weights_from.remote(self.weights.model_path, self.weights.policy_version)
 
     def _wait_for_an_engine(self, what: str) -> None:
@@ -267,9 +271,10 @@ class RolloutFleet:
             todo = [index for member, chunk in chunks.items() if chunk and member not in done for index in chunk]
         return results
 
-    def load_weights(self, state_dict_ref: ray.ObjectRef, policy_version: int) -> None:
-        """The new policy weights into every active engine; engines that join later load the same."""
-        self.weights = _Weights(policy_version, state_dict_ref=state_dict_ref)
+    def load_weights(self, buckets: list[ray.ObjectRef], policy_version: int) -> None:
+        """The new policy weights (buckets of whole decoder blocks, in the object store) into every active engine;
+        engines that join later load the same."""
+        self.weights = _Weights(policy_version, buckets=buckets)
         self._call_each(self.active, self._load_current, "load new weights")
 
     def load_weights_from(self, model_path: str, policy_version: int) -> None:

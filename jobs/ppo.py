@@ -251,13 +251,11 @@ class PPOTrainer:
             for name, refs in stats.items():
                 metrics |= mean_over_ranks(self.wait(refs, f"{name} (train)"))
 
-        # 6. The new policy weights to every rollout worker (all learner ranks take part in the gather).
+        # 6. The new policy weights to every rollout worker, in buckets (all learner ranks take part in the gather).
         with phase("sync", metrics):
-            weight_refs = self.policy.call("full_weights")
-            # Gathered first: a learner that dies here is the learner's failure, not the engines' that would load.
-            self.wait(weight_refs, "policy-learner (full_weights)")
+            buckets = self.gather_policy_weights()
             self.state.policy_version += 1
-            self.fleet.load_weights(weight_refs[0], self.state.policy_version)
+            self.fleet.load_weights(buckets, self.state.policy_version)
 
         # 7. Statistics (the metrics are logged by the caller) and the KL controller's update.
         kl_per_sequence = ppo.masked_sum(kl, mask, dim=1).mean().item()
@@ -505,6 +503,33 @@ class PPOTrainer:
                                               default=str) + "\n"
                                    for prompt, response, metadata in zip(batch.prompts, batch.responses, batch.metadata)))
         raise RewardFailure(f"iteration {iteration}: {problem}; the batch's {len(batch)} samples are in {path}")
+
+    def gather_policy_weights(self) -> list[ray.ObjectRef]:
+        """The policy's weights as references to buckets that learner rank 0 streams into the object store. Gathered
+        in full before any engine loads: a learner that dies here is the learner's failure, not the engines'."""
+        bucket_mb = self.config.rollout.sync_bucket_mb
+        streams = {rank: actor.weight_buckets.options(num_returns="streaming").remote(bucket_mb)
+                   for rank, actor in enumerate(self.policy.actors)}
+        received: dict[int, list[ray.ObjectRef]] = {rank: [] for rank in streams}
+        deadline = time.monotonic() + self.config.run.call_timeout_s
+        while streams:
+            ready, _ = ray.wait(list(streams.values()), num_returns=1,
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"policy-learner ranks {sorted(streams)} (weight_buckets) did not answer within "
+                                   f"run.call_timeout_s={self.config.run.call_timeout_s:.0f} s")
+            for rank, stream in list(streams.items()):
+                if stream in ready:
+                    try:
+                        received[rank].append(next(stream))
+                    except StopIteration:
+                        del streams[rank]
+                    else:
+                        if rank != 0:  # their one item is their summary (or their error, raised now)
+                            ray.get(received[rank][-1])
+        # Each rank's last item is its summary, or the error it failed with.
+        self.wait([items[-1] for items in received.values()], "policy-learner (weight_buckets)")
+        return received[0][:-1]
 
     def wait(self, refs: list[ray.ObjectRef], role: str) -> list:
         """`ray.get` with the run's deadline: a role that does not answer within run.call_timeout_s is named. The

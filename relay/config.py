@@ -161,6 +161,10 @@ class RolloutSection(Section):
     kv_cache_memory_mb: int = Field(256, ge=16, description="KV cache size on device: cpu")
     enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
     max_failures: int = Field(10, ge=0, description="engine failures survived (each replaced) before the run stops")
+    sync_bucket_mb: float = Field(
+        256, gt=0, description="weight sync: the policy goes to the engines in buckets of about this size (a decoder "
+        "block is never split)"
+    )
 
 
 class AlgorithmSection(Section):

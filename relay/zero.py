@@ -7,6 +7,7 @@ three jobs cannot drift apart.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -116,29 +117,64 @@ def init_engine(
     return engine
 
 
-def full_parameters(model: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every parameter in full, one at a time, as a CPU copy. Under ZeRO-3 every rank must iterate in step."""
+def sync_unit(parameter_name: str) -> str:
+    """The unit a weight sync must not split: a decoder block (`….layers.<i>`), whose projections inference
+    engines fuse (vLLM's qkv_proj, gate_up_proj, and reloads a fused layer only whole); otherwise the parameter's own
+    module, a LoRA model's adapters with their base weight."""
+    block = re.match(r"(.*?\.layers\.\d+)\.", parameter_name)
+    if block:
+        return block.group(1)
+    module = parameter_name.rpartition(".")[0]
+    return re.sub(r"\.(base_layer|original_module|modules_to_save\.\w+|lora_[AB]\.\w+)$", "", module)
+
+
+def weight_buckets(model: torch.nn.Module, zero_stage: int, rank: int, bucket_bytes: int,
+                   merge_lora: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """The whole model's weights as CPU buckets of about `bucket_bytes` (more when one sync unit is larger), on
+    rank 0 only; the other ranks yield nothing but, under ZeRO-3, must iterate in step (they gather with rank 0,
+    one collective per unit). A bucket never splits a `sync_unit`, so an engine can load bucket by bucket. Buffers
+    that the state dict holds come in the last bucket. A LoRA model's adapters come merged into its weights, under
+    the names of the model without them (unless `merge_lora` is false: then PEFT's own names, adapters apart)."""
+    lora = lora_config(model)
+    units: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
     for name, parameter in model.named_parameters():
-        if zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
-                yield name, parameter.detach().cpu().clone()
-        else:
-            yield name, parameter.detach().cpu().clone()
+        units.setdefault(sync_unit(name), []).append((name, parameter))
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def finished(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return merge_lora_state(state, lora.lora_alpha / lora.r) if lora is not None and merge_lora else state
+
+    for members in units.values():
+        parameters = [parameter for _, parameter in members]
+        with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None, enabled=zero_stage == 3):
+            if rank == 0:  # only rank 0 keeps the weights: the others copy nothing
+                unit = {name: parameter.detach().to("cpu", copy=True) for name, parameter in members}
+        if rank != 0:
+            continue
+        unit_bytes = sum(tensor.numel() * tensor.element_size() for tensor in unit.values())
+        if bucket and size + unit_bytes > bucket_bytes:
+            yield finished(bucket)
+            bucket, size = {}, 0
+        bucket |= unit
+        size += unit_bytes
+    if rank != 0:
+        return
+    state_names = set(model.state_dict())
+    bucket |= {name: buffer.detach().to("cpu", copy=True) for name, buffer in model.named_buffers()
+               if name in state_names}
+    if bucket:
+        yield finished(bucket)
 
 
 def full_state_dict(model: torch.nn.Module, zero_stage: int, rank: int,
                     merge_lora: bool = True) -> dict[str, torch.Tensor] | None:
     """The whole model's weights on rank 0 (None elsewhere); all ranks must call it together under ZeRO-3.
-    A LoRA model's adapters come merged into its weights, under the names of the model without them (unless
-    `merge_lora` is false: then PEFT's own names, adapters apart)."""
-    state = {name: tensor for name, tensor in full_parameters(model, zero_stage) if rank == 0}
-    if rank != 0:
-        return None
-    for name, buffer in model.named_buffers():
-        if name in model.state_dict():
-            state[name] = buffer.detach().cpu().clone()
-    lora = lora_config(model)
-    return merge_lora_state(state, lora.lora_alpha / lora.r) if lora is not None and merge_lora else state
+    LoRA as in `weight_buckets`."""
+    state: dict[str, torch.Tensor] = {}
+    for bucket in weight_buckets(model, zero_stage, rank, bucket_bytes=2**62, merge_lora=merge_lora):
+        state |= bucket
+    return state if rank == 0 else None
 
 
 def lora_config(model: torch.nn.Module) -> Any:

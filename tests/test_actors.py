@@ -36,6 +36,7 @@ def setup(ray_session, tiny_model, tmp_path_factory):
         "policy.zero_stage=3",
         "policy.zero3_persistence_threshold=0",
         "policy.learning_rate=0.01",
+        "rollout.sync_bucket_mb=0.25",  # less than a decoder block: the sync sends a bucket per block
     )
     fleet = RolloutFleet(config, str(tiny_model))
     policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=config.actor_namespace,
@@ -98,6 +99,19 @@ def greedy_hf(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
     return outputs
 
 
+def sync(trainer, policy, fleet, policy_version: int) -> tuple[list, dict[str, torch.Tensor]]:
+    """The driver's weight sync: gather the policy's buckets, load them into the fleet. Returns the buckets' refs
+    and the whole state they hold."""
+    trainer.policy = policy
+    buckets = trainer.gather_policy_weights()
+    fleet.load_weights(buckets, policy_version)
+    state: dict[str, torch.Tensor] = {}
+    for bucket in ray.get(buckets):
+        assert not state.keys() & bucket.keys()
+        state |= bucket
+    return buckets, state
+
+
 def greedy_vllm(worker, prompts: list[list[int]]) -> list[list[int]]:
     return [samples[0].token_ids for samples in ray.get(worker.generate.remote(prompts, 1, 0.0, [0] * len(prompts)))]
 
@@ -121,10 +135,10 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
     stats = policy.run("train", train_ref, 1)
     assert all(torch.isfinite(torch.tensor(list(rank.values()))).all() for rank in stats)
 
-    refs = policy.call("full_weights")
-    fleet.load_weights(refs[0], policy_version=1)
-    state, *others = ray.get(refs)
-    assert others == [None]
+    buckets, state = sync(trainer, policy, fleet, policy_version=1)
+    block_bytes = sum(tensor.numel() * tensor.element_size() for name, tensor in state.items()
+                      if name.startswith("model.layers.0."))
+    assert block_bytes > config.rollout.sync_bucket_mb * 2**20 and len(buckets) > config.tiny_model.num_layers
     start = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     assert any(not torch.equal(state[name], start.state_dict()[name]) for name in state)  # training changed the weights
 
@@ -137,6 +151,14 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
         assert greedy_vllm(worker, prompts) == expected
         assert before != expected
 
+    # Why a bucket holds whole blocks: vLLM rebuilds each fused layer (qkv_proj, gate_up_proj) a reload touches from
+    # that reload's weights alone, so a bucket per parameter leaves the engine with wrong weights.
+    worker = fleet.workers[0]
+    ray.get(worker.load_weights.remote([ray.put({name: tensor}) for name, tensor in state.items()], 1))
+    assert greedy_vllm(worker, prompts) != expected
+    ray.get(worker.load_weights.remote(buckets, 1))
+    assert greedy_vllm(worker, prompts) == expected
+
 
 def test_a_non_finite_loss_trains_nothing_and_is_counted(setup, tiny_model):
     config, fleet, policy = setup
@@ -148,7 +170,7 @@ def test_a_non_finite_loss_trains_nothing_and_is_counted(setup, tiny_model):
     micro_batches_per_rank = config.algorithm.epochs * (len(batch) // 2 // config.policy.micro_batch_size)
     assert [rank["losses/policy_nonfinite"] for rank in stats] == [float(micro_batches_per_rank)] * 2
     assert all("losses/policy" not in rank for rank in stats)  # no statistic of a skipped micro-batch
-    state, _ = ray.get(policy.call("full_weights"))
+    _, state = sync(trainer, policy, fleet, policy_version=2)
     assert all(torch.isfinite(tensor).all() for tensor in state.values())
 
 
@@ -221,9 +243,7 @@ def test_lora_policy_trains_adapters_only_gives_the_reference_and_syncs_merged_w
         assert not torch.allclose(trained[mask], reference[mask], atol=1e-4)  # the adapters learned
 
         # The sync carries merged weights under the plain model's names: only adapted matrices changed.
-        refs = lora_policy.call("full_weights")
-        fleet.load_weights(refs[0], policy_version=2)
-        state, _ = ray.get(refs)
+        _, state = sync(trainer, lora_policy, fleet, policy_version=2)
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
         assert set(state) == set(base)
         changed = {name for name in state if not torch.equal(state[name], base[name])}

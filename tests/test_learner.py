@@ -59,12 +59,13 @@ def nan_gradient(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted(
         one_rank_group, tiny_model, tmp_path, zero_stage):
     from actors.learner import Learner, NonFiniteLoss
+    from relay.zero import full_state_dict
 
     config = tiny_run_config(tmp_path, f"policy.zero_stage={zero_stage}", "run.max_nonfinite_steps=2",
                              "algorithm.mini_batches=2", "algorithm.epochs=1")
     learner = Learner("policy", config, str(tiny_model), rank=0, world_size=1)
     batch = synthetic_batch(config, learner.tokenizer.vocab_size)
-    before = learner.full_weights()
+    before = full_state_dict(learner.engine.module, zero_stage, rank=0)
     assert before is not None
 
     loss = learner._loss
@@ -74,7 +75,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted
     # Two mini-batches, two optimizer steps, both dropped; every loss was finite, so none was zeroed.
     assert stats["losses/policy_skipped_steps"] == 2.0 and stats["losses/policy_nonfinite"] == 0.0
     assert torch.isfinite(torch.tensor(stats["losses/policy"]))
-    after = learner.full_weights()
+    after = full_state_dict(learner.engine.module, zero_stage, rank=0)
     assert after is not None and all(torch.equal(before[name], after[name]) for name in before)
 
     with pytest.raises(NonFiniteLoss, match=r"non-finite gradient makes 3 .* run\.max_nonfinite_steps=2"):
@@ -83,6 +84,6 @@ def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted
     learner._loss = loss  # a healthy step trains again: the dropped ones left no gradient or state behind
     stats = learner.train(batch, iteration=3)
     assert stats["losses/policy_skipped_steps"] == 0.0
-    trained = learner.full_weights()
+    trained = full_state_dict(learner.engine.module, zero_stage, rank=0)
     assert trained is not None and all(torch.isfinite(tensor).all() for tensor in trained.values())
     assert any(not torch.equal(before[name], trained[name]) for name in before)

@@ -128,6 +128,14 @@ def sync_unit(parameter_name: str) -> str:
     return re.sub(r"\.(base_layer|original_module|modules_to_save\.\w+|lora_[AB]\.\w+)$", "", module)
 
 
+def cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy; from a GPU through pinned memory (a pageable copy runs at a fraction of the link's speed), to be
+    synchronised by the caller. torch's host allocator caches the pinned blocks for the next sync."""
+    if not tensor.is_cuda:
+        return tensor.detach().to("cpu", copy=True)
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor.detach(), non_blocking=True)
+
+
 def weight_buckets(model: torch.nn.Module, zero_stage: int, rank: int, bucket_bytes: int,
                    merge_lora: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """The whole model's weights as CPU buckets of about `bucket_bytes` (more when one sync unit is larger), on
@@ -149,7 +157,9 @@ def weight_buckets(model: torch.nn.Module, zero_stage: int, rank: int, bucket_by
         parameters = [parameter for _, parameter in members]
         with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None, enabled=zero_stage == 3):
             if rank == 0:  # only rank 0 keeps the weights: the others copy nothing
-                unit = {name: parameter.detach().to("cpu", copy=True) for name, parameter in members}
+                unit = {name: cpu_copy(parameter) for name, parameter in members}
+                if torch.cuda.is_available():
+                    torch.cuda.current_stream().synchronize()  # the asynchronous copies have landed
         if rank != 0:
             continue
         unit_bytes = sum(tensor.numel() * tensor.element_size() for tensor in unit.values())
@@ -161,8 +171,9 @@ def weight_buckets(model: torch.nn.Module, zero_stage: int, rank: int, bucket_by
     if rank != 0:
         return
     state_names = set(model.state_dict())
-    bucket |= {name: buffer.detach().to("cpu", copy=True) for name, buffer in model.named_buffers()
-               if name in state_names}
+    bucket |= {name: cpu_copy(buffer) for name, buffer in model.named_buffers() if name in state_names}
+    if torch.cuda.is_available():
+        torch.cuda.current_stream().synchronize()
     if bucket:
         yield finished(bucket)
 

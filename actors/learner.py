@@ -55,7 +55,7 @@ class Learner:
         self.section = config.policy if role == "policy" else config.critic
         self.max_nonfinite = config.run.max_nonfinite_steps
         self.nonfinite_count = 0  # micro-batches with a non-finite loss + optimizer steps with a non-finite gradient
-        init_distributed()
+        init_distributed(timeout_s=config.run.call_timeout_s)
         torch.manual_seed(self.seed + rank)
 
         samples_per_rank = config.samples_per_iteration // world_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,11 +79,12 @@ def lr_scheduler(section: TrainerSection, total_steps: int) -> dict[str, Any] | 
                                                  "cos_min_ratio": 0.0, "warmup_type": "linear"}}
 
 
-def init_distributed() -> None:
-    """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE (set by ActorGroup or Ray Train)."""
+def init_distributed(timeout_s: float = 1800) -> None:
+    """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE (set by ActorGroup or Ray Train).
+    A collective that waits longer than `timeout_s` on a rank (a dead or stuck peer) raises instead of hanging."""
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 

@@ -16,6 +16,7 @@ from typing import Iterator, Literal
 
 import torch
 
+from actors.usage import Usage
 from relay import ppo
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
@@ -44,7 +45,7 @@ class GatherSummary:
     seconds: float
 
 
-class Learner:
+class Learner(Usage):
     def __init__(self, role: Role, config: RelayConfig, model_path: str, rank: int, world_size: int) -> None:
         self.role = role
         self.rank = rank
@@ -93,6 +94,10 @@ class Learner:
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Policy: log-probs [b, Lr] of this rank's shard; critic: values [b, Lr]. """
+        with self.busy("score"):
+            return self._score(batch)
+
+    def _score(self, batch: RolloutBatch) -> torch.Tensor:
         self.engine.eval()
         shard = batch.shard(self.rank, self.world_size)
 
@@ -107,12 +112,16 @@ class Learner:
     def score_reference(self, batch: RolloutBatch) -> torch.Tensor:
         """A LoRA policy's reference log-probs [b, Lr] of this rank's shard: its base model, adapters switched off,
         so the reference needs no copy of its own."""
-        with self.engine.module.disable_adapter():
-            return self.score(batch)
+        with self.busy("score_reference"), self.engine.module.disable_adapter():
+            return self._score(batch)
 
     def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
         """`algorithm.epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer
         step apiece (gradients accumulated over its micro-batches); returns mean statistics."""
+        with self.busy("train"):
+            return self._train(batch, iteration)
+
+    def _train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
         self.engine.train()
         shard = batch.shard(self.rank, self.world_size)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
@@ -207,7 +216,9 @@ class Learner:
             buckets += 1
             size += sum(tensor.numel() * tensor.element_size() for tensor in bucket.values())
             yield bucket
-        yield GatherSummary(buckets, size, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._busy_seconds = getattr(self, "_busy_seconds", {}) | {"gather": seconds}
+        yield GatherSummary(buckets, size, seconds)
 
     def save(self, checkpoint_dir: str) -> None:
         """Hugging Face weights (rank 0) under `<dir>/<role>` and DeepSpeed states under `<dir>/deepspeed/<role>`."""

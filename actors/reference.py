@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from actors.usage import Usage
 from relay import ppo
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
 from relay.models import load_model, response_logits, score_in_micro_batches
 
 
-class Reference:
+class Reference(Usage):
     def __init__(self, config: RelayConfig, model_path: str, rank: int, world_size: int) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -29,4 +30,5 @@ class Reference:
             logits = response_logits(self.model, micro, self.temperature)
             return ppo.token_logprobs(logits, micro.response_ids).cpu()
 
-        return score_in_micro_batches(shard, self.micro_batch_size, logprobs)
+        with self.busy("score"):
+            return score_in_micro_batches(shard, self.micro_batch_size, logprobs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.usage import Usage
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
 from relay.models import load_model, load_tokenizer, score_in_micro_batches, sequence_scores
@@ -12,7 +13,7 @@ from relay.rewards import build_reward_source
 from relay.tasks import task_of
 
 
-class RewardScorer:
+class RewardScorer(Usage):
     def __init__(self, config: RelayConfig, rank: int, world_size: int, model_path: str | None = None) -> None:
         """`model_path`: the reward model (type model), which the driver resolves or trains."""
         self.rank = rank
@@ -29,7 +30,10 @@ class RewardScorer:
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Sequence rewards [b] of this rank's shard."""
-        shard = batch.shard(self.rank, self.world_size)
+        with self.busy("score"):
+            return self._score(batch.shard(self.rank, self.world_size))
+
+    def _score(self, shard: RolloutBatch) -> torch.Tensor:
         if self.section.type == "model":
             return score_in_micro_batches(
                 shard, self.section.micro_batch_size,

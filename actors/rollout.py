@@ -17,6 +17,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.usage import Usage
 from relay.config import RelayConfig
 from relay.placement import engine_placement
 
@@ -40,7 +41,7 @@ class Sample:
     logprobs: list[float]  # the sampler's log-prob of each token
 
 
-class RolloutWorker:
+class RolloutWorker(Usage):
     """A vLLM engine built with vLLM's own Ray stat logger, so its queue, KV-cache and throughput metrics reach
     the Ray dashboard (`ray_vllm:*`) next to relay's."""
 
@@ -89,37 +90,40 @@ class RolloutWorker:
                 temperature=temperature,
                 top_p=self.rollout.top_p,
                 max_tokens=self.rollout.max_new_tokens,
+                ignore_eos=self.rollout.ignore_eos,
                 logprobs=0,
                 seed=seed,
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
 
-        position = {}
-        for prompt_index, (ids, seed) in enumerate(zip(prompt_token_ids, seeds, strict=True)):
-            request_id = str(next(self._request_ids))
-            position[request_id] = prompt_index
-            self.engine.add_request(request_id, {"prompt_token_ids": ids}, params(seed))
-        results: list[list[Sample]] = [[] for _ in prompt_token_ids]
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    results[position[output.request_id]] = [
-                        Sample(
-                            token_ids=list(completion.token_ids),
-                            logprobs=[step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
-                        )
-                        for completion in output.outputs
-                    ]
-        return results
+        with self.busy("generate"):
+            position = {}
+            for prompt_index, (ids, seed) in enumerate(zip(prompt_token_ids, seeds, strict=True)):
+                request_id = str(next(self._request_ids))
+                position[request_id] = prompt_index
+                self.engine.add_request(request_id, {"prompt_token_ids": ids}, params(seed))
+            results: list[list[Sample]] = [[] for _ in prompt_token_ids]
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        results[position[output.request_id]] = [
+                            Sample(
+                                token_ids=list(completion.token_ids),
+                                logprobs=[step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)],
+                            )
+                            for completion in output.outputs
+                        ]
+            return results
 
     def load_weights(self, buckets: list[ray.ObjectRef], policy_version: int) -> int:
         """Load the policy learner's weights in place, bucket by bucket (vLLM's own reload, which rebuilds each
         layer a bucket touches: a bucket holds whole decoder blocks), and record their version."""
-        for ref in buckets:
-            bucket = ray.get(ref)
-            self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket.items())})
-            del bucket  # one bucket in memory at a time
-        self.engine.reset_prefix_cache()
+        with self.busy("load_weights"):
+            for ref in buckets:
+                bucket = ray.get(ref)
+                self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket.items())})
+                del bucket  # one bucket in memory at a time
+            self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version
 
@@ -276,6 +280,10 @@ class RolloutFleet:
         engines that join later load the same."""
         self.weights = _Weights(policy_version, buckets=buckets)
         self._call_each(self.active, self._load_current, "load new weights")
+
+    def usage(self) -> list[dict[str, float]]:
+        """Each active engine's busy seconds and peak memory (actors.usage)."""
+        return list(self._call_each(self.active, lambda member: member.worker.usage.remote(), "usage").values())
 
     def load_weights_from(self, model_path: str, policy_version: int) -> None:
         self.weights = _Weights(policy_version, model_path=model_path)

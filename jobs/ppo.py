@@ -110,6 +110,8 @@ class PPOTrainer:
                     raise ValueError(f"reward.rules: no column {rule.column!r} in {self.data.source} (its columns "
                                      f"besides the prompt: {', '.join(sorted(columns)) or 'none'})")
         self.terminate_requested = False
+        self.created = time.monotonic()  # in `relay train`, before Ray starts
+        self.startup_seconds: float | None = None  # from here to the first iteration
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)  # the data order of the current epoch
         self.reset_state()
 
@@ -216,6 +218,8 @@ class PPOTrainer:
     # ---------------------------------------------------------------- one PPO iteration
     def train_iteration(self, iteration: int) -> dict[str, float]:
         config, algorithm, metrics = self.config, self.config.algorithm, {}
+        with phase("accounting", metrics):
+            self.role_usage()  # from here on, each role's busy seconds are this iteration's (not the evaluation's)
 
         # 1-2. The next prompts (the data cursor is checkpointed), and samples of each on the vLLM fleet with the
         #      sampler's log-probs; with dynamic sampling, prompts whose samples all scored alike are replaced.
@@ -277,6 +281,8 @@ class PPOTrainer:
             "perf/tokens_per_s": response_tokens / metrics["time/generate"],
             "perf/samples": float(self.state.samples),
         }
+        with phase("accounting", metrics):
+            metrics |= self.role_usage()
         if values is not None:
             metrics["critic/values_mean"] = ppo.masked_mean(values, mask).item()
         if algorithm.advantage in ("grpo", "rloo"):
@@ -403,11 +409,17 @@ class PPOTrainer:
         progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="train", unit="iter",
                         initial=self.state.iteration, total=config.run.iterations, disable=not sys.stdout.isatty())
         for iteration in progress:
+            iteration_started = time.monotonic()
+            if self.startup_seconds is None:
+                self.startup_seconds = iteration_started - self.created
             if self.terminate_requested:
                 self.stop_on_signal()
             [requests] = self.wait([self.control.requests.remote()], "control")
             self.apply_scaling(requests["rollout_workers"])
+            control_seconds = time.monotonic() - iteration_started
             metrics = self.train_iteration(iteration)
+            metrics["time/control"] = control_seconds  # requests, scaling, engines joining
+            metrics["time/iteration"] = time.monotonic() - iteration_started  # evaluation and checkpoint apart
             self.state.iteration = iteration
             last = iteration == config.run.iterations or requests["finish"]
             if last or (config.run.eval_every and iteration % config.run.eval_every == 0):
@@ -435,6 +447,7 @@ class PPOTrainer:
             "iterations": self.state.iteration,
             "samples": self.state.samples,
             "wall_seconds": round(time.monotonic() - started, 1),
+            "startup_seconds": None if self.startup_seconds is None else round(self.startup_seconds, 1),
             "final_policy": str(final / "policy"),
             "reference_model": self.state.reference_model,
         }
@@ -503,6 +516,22 @@ class PPOTrainer:
                                               default=str) + "\n"
                                    for prompt, response, metadata in zip(batch.prompts, batch.responses, batch.metadata)))
         raise RewardFailure(f"iteration {iteration}: {problem}; the batch's {len(batch)} samples are in {path}")
+
+    def role_usage(self) -> dict[str, float]:
+        """Each role's busy seconds per pass since the last call, `time/<role>_<pass>`, and its peak memory,
+        `perf/<role>_peak_rss_mib` (and `_peak_gpu_mib`), each the maximum over the role's ranks or engines."""
+        groups = {"policy": self.policy, "reference": None if self.config.reference_in_policy else self.reference,
+                  "critic": self.critic if self.config.algorithm.uses_critic else None, "reward": self.reward}
+        reports = {role: self.wait(group.call("usage"), f"{role} (usage)")
+                   for role, group in groups.items() if group is not None}
+        reports["rollout"] = self.fleet.usage()
+        usage: dict[str, float] = {}
+        for role, ranks in reports.items():
+            for report in ranks:
+                for name, value in report.items():
+                    key = f"time/{role}_{name.removeprefix('busy/')}" if name.startswith("busy/") else f"perf/{role}_{name}"
+                    usage[key] = max(usage.get(key, 0.0), value)
+        return usage
 
     def gather_policy_weights(self) -> list[ray.ObjectRef]:
         """The policy's weights as references to buckets that learner rank 0 streams into the object store. Gathered
@@ -696,10 +725,10 @@ def log_line(line: str) -> None:
 
 @contextmanager
 def phase(name: str, metrics: dict[str, float]) -> Iterator[None]:
-    """Time a phase of the iteration into metrics['time/<name>'] (seconds)."""
+    """Time a phase of the iteration into metrics['time/<name>'] (seconds, added up over its parts)."""
     started = time.perf_counter()
     yield
-    metrics[f"time/{name}"] = time.perf_counter() - started
+    metrics[f"time/{name}"] = metrics.get(f"time/{name}", 0.0) + time.perf_counter() - started
 
 
 def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -> str:
@@ -713,7 +742,9 @@ def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -
         line += f" (+{metrics['rollout/workers_pending']:.0f} pending)"
     if metrics.get("rollout/worker_failures"):
         line += f" ({metrics['rollout/worker_failures']:.0f} failed so far)"
-    phases = " ".join(f"{name[5:]} {value:.2f}s" for name, value in metrics.items() if name.startswith("time/"))
+    phases = " ".join(f"{name} {metrics[f'time/{name}']:.2f}s"
+                      for name in ("generate", "score", "advantages", "train", "sync", "eval", "checkpoint")
+                      if f"time/{name}" in metrics)
     line += f" | {phases}"
     if "eval/score" in metrics:
         line += f" | eval {metrics['eval/score']:.3f}"

@@ -6,6 +6,9 @@
     relay sft --config FILE [overrides]           the supervised warm start alone
     relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
     relay export-task TASK OUT_DIR                a task's prompts and demonstrations as parquet/jsonl files
+    relay bench --config FILE [--iterations K] [--vs trl] [--output DIR] [overrides]
+                                                  seconds per PPO iteration, phase by phase, against relay's raw
+                                                  model passes and (--vs trl) TRL's PPO on the same work
     relay submit FILE [--address URL] [overrides] PPO as a Ray job on a cluster; prints the job id
     relay status|logs|stop JOB_ID [--address URL] follow a submitted job (stop --finish: end it cleanly after
                                                   the current iteration, with final eval, checkpoint, summary)
@@ -41,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", required=True)
         command.add_argument("overrides", nargs="*", help="dotted.key=value")
+    bench = commands.add_parser("bench", help="how fast PPO trains here, phase by phase (jobs/bench.py)")
+    bench.add_argument("--config", required=True)
+    bench.add_argument("--iterations", type=int, default=5, help="timed iterations, after one warm-up")
+    bench.add_argument("--vs", choices=["trl"], help="also run this trainer on the same work")
+    bench.add_argument("--output", default="runs/bench", help="where bench.json and bench.png go")
+    bench.add_argument("overrides", nargs="*", help="dotted.key=value")
     export = commands.add_parser("export-task", help="write a task's prompts and demonstrations as a dataset")
     export.add_argument("task", help="built-in task name or module:attribute")
     export.add_argument("out_dir")
@@ -83,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
 
         config = str(DEMO_CONFIGS[args.pipeline]) if args.command == "demo" else args.config
         ppo_main(["--config", config, *args.overrides])
+        return
+    if args.command == "bench":
+        from jobs.bench import main as bench_main
+
+        bench_main(["--config", args.config, "--iterations", str(args.iterations), "--output", args.output,
+                    *(["--vs", args.vs] if args.vs else []), *args.overrides])
         return
     if args.command == "sft":
         from jobs.sft import main as sft_main

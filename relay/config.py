@@ -156,6 +156,7 @@ class RolloutSection(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature; PPO's ratio assumes 1.0")
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(256, ge=1)
+    ignore_eos: bool = Field(False, description="generate exactly max_new_tokens, past EOS (benchmarks)")
     max_model_len: int = Field(2048, ge=16)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of a GPU for vLLM (cuda)")
     kv_cache_memory_mb: int = Field(256, ge=16, description="KV cache size on device: cpu")

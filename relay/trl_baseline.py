@@ -1,0 +1,148 @@
+"""TRL's PPO trainer as a speed baseline: seconds per PPO iteration on the work relay's benchmark does.
+
+What is compared: TRL's `trl.experimental.ppo.PPOTrainer` (TRL 0.29), in this one process, float32 on CPU, given
+the same policy checkpoint and prompts as relay, with a reference (a copy of the policy), a reward model, and a
+value model started from the reward model (`AutoModelForSequenceClassification`, one label, as TRL's examples do).
+One iteration is one TRL update: `samples_per_iteration` prompts, one response each (TRL samples one per prompt),
+generated with transformers' `generate` at `temperature`; the reference, value and reward passes; GAE; then `epochs`
+PPO epochs of `mini_batches` mini-batches in micro-batches of `micro_batch_size`.
+
+Every response is exactly `response_length` tokens: with neither `stop_token` nor `stop_token_id` set, TRL sets the
+policy's `generation_config.eos_token_id` to None and generates with `max_new_tokens=response_length` and no EOS, so
+nothing stops early or is truncated, and `missing_eos_penalty` stays None.
+
+Timing: a callback reads `time.perf_counter()` at `on_train_begin` (just before TRL's loop) and at each
+`on_step_end`, which TRL calls once per iteration after its rollout, PPO epochs, logging and scheduler step; an
+iteration's seconds are the difference between consecutive readings. Loading models and building the trainer are
+not timed. The first iteration includes warm-up; dropping it is the caller's choice.
+
+TRL's own design, not set here, still differs from relay: it takes the old log-probs from the generation scores (no
+separate scoring pass), trains policy and value model as one module with one optimizer, and does not clip gradients.
+TRL's accelerate gradient accumulation counts the micro-batches of the whole rollout batch, so it steps the optimizer
+once per epoch whatever `num_mini_batches` is (and once per micro-batch on the last batch of its data loader): only
+`mini_batches=1` is the same work as relay's, hence the check below, and the prompts are repeated so that no timed
+iteration draws its data loader's last batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+from transformers import TrainerCallback
+
+
+class _IterationClock(TrainerCallback):
+    """Wall-clock readings at the start of training and at the end of each TRL iteration."""
+
+    def __init__(self) -> None:
+        self.readings: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.readings = [time.perf_counter()]
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.readings.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        return [end - start for start, end in zip(self.readings, self.readings[1:])]
+
+
+def trl_version() -> str:
+    import trl
+
+    return trl.__version__
+
+
+def trl_seconds_per_iteration(
+    policy_path: str,
+    reward_model_path: str,
+    prompts: list[str],
+    *,
+    samples_per_iteration: int,
+    response_length: int,
+    epochs: int,
+    mini_batches: int,
+    micro_batch_size: int,
+    iterations: int,
+    learning_rate: float,
+    temperature: float,
+    output_dir: str,
+    seed: int = 0,
+) -> list[float]:
+    """Run `iterations` iterations of TRL's PPO and return the wall seconds of each (the first is warm-up)."""
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        PrinterCallback,
+        ProgressCallback,
+    )
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    if len(prompts) < samples_per_iteration:
+        raise ValueError(f"TRL samples one response per prompt: {samples_per_iteration} samples per iteration "
+                         f"need at least as many prompts, got {len(prompts)}")
+    if mini_batches != 1:
+        raise ValueError("TRL steps its optimizer once per PPO epoch, not once per mini-batch: only mini_batches=1 "
+                         "is the same work as relay's")
+    if samples_per_iteration % micro_batch_size:
+        raise ValueError(f"samples_per_iteration {samples_per_iteration} is not a multiple of "
+                         f"micro_batch_size {micro_batch_size}")
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # More rows than the iterations take: the loader's last batch would step the optimizer at every micro-batch.
+    rows = prompts * math.ceil((iterations + 1) * samples_per_iteration / len(prompts))
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(prompt).input_ids for prompt in rows]})
+
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    reference = copy.deepcopy(policy)
+    value_model = AutoModelForSequenceClassification.from_pretrained(
+        reward_model_path, num_labels=1, dtype=torch.float32)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(
+        reward_model_path, num_labels=1, dtype=torch.float32)
+
+    config = PPOConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=seed,
+        learning_rate=learning_rate,
+        total_episodes=iterations * samples_per_iteration,
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=samples_per_iteration // micro_batch_size,  # rollout batch = micro × accumulation
+        num_mini_batches=mini_batches,
+        num_ppo_epochs=epochs,
+        local_rollout_forward_batch_size=samples_per_iteration,  # one generate call and one pass per model
+        response_length=response_length,
+        stop_token=None,
+        stop_token_id=None,
+        missing_eos_penalty=None,
+        temperature=temperature,
+        num_sample_generations=0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    clock = _IterationClock()
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=dataset,
+        callbacks=[clock],
+    )
+    for printer in (PrinterCallback, ProgressCallback):  # the per-iteration metrics dict it would print
+        trainer.remove_callback(printer)
+    trainer.train()
+    return clock.seconds()

@@ -215,8 +215,7 @@ def raw_passes(config: RelayConfig, policy_path: str, reward_path: str | None, r
         train_batch = replace(train_batch, values=values, returns=values + advantages)
         raw["critic_train"], _ = median_seconds(lambda: critic.train(train_batch, 1))
     raw["policy_train"], _ = median_seconds(lambda: policy.train(train_batch, 1))
-    torch.distributed.destroy_process_group()
-    return raw
+    return raw  # (the one-rank process group is vLLM's, which the learners joined: it goes with the process)
 
 
 def bench_prompts(config: RelayConfig) -> list[str]:

@@ -157,6 +157,10 @@ class RolloutSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(256, ge=1)
     ignore_eos: bool = Field(False, description="generate exactly max_new_tokens, past EOS (benchmarks)")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="device cpu: an engine's threads (None: every core of the machine, since "
+        "generation has its phase to itself; Ray would give a fractional-CPU actor one)"
+    )
     max_model_len: int = Field(2048, ge=16)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of a GPU for vLLM (cuda)")
     kv_cache_memory_mb: int = Field(256, ge=16, description="KV cache size on device: cpu")

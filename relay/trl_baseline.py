@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 
 from transformers import TrainerCallback
 
@@ -81,7 +82,11 @@ def trl_seconds_per_iteration(
         PrinterCallback,
         ProgressCallback,
     )
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from transformers.utils import logging as hf_logging
+
+    with warnings.catch_warnings():  # "you are importing from trl.experimental": known, and the reason for this module
+        warnings.simplefilter("ignore", UserWarning)
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     if len(prompts) < samples_per_iteration:
         raise ValueError(f"TRL samples one response per prompt: {samples_per_iteration} samples per iteration "
@@ -100,12 +105,18 @@ def trl_seconds_per_iteration(
     rows = prompts * math.ceil((iterations + 1) * samples_per_iteration / len(prompts))
     dataset = Dataset.from_dict({"input_ids": [tokenizer(prompt).input_ids for prompt in rows]})
 
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model
+    try:
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+        value_model = AutoModelForSequenceClassification.from_pretrained(
+            reward_model_path, num_labels=1, dtype=torch.float32)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            reward_model_path, num_labels=1, dtype=torch.float32)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     reference = copy.deepcopy(policy)
-    value_model = AutoModelForSequenceClassification.from_pretrained(
-        reward_model_path, num_labels=1, dtype=torch.float32)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(
-        reward_model_path, num_labels=1, dtype=torch.float32)
 
     config = PPOConfig(
         output_dir=output_dir,

@@ -19,6 +19,7 @@ def test_bench_reports_every_phase_its_raw_passes_and_trl_on_the_same_work(tmp_p
     output = tmp_path / "bench"  # not runs/bench/, which belongs to the user's own runs
     overrides = ["tiny_model.hidden_size=128", "tiny_model.num_layers=2", "tiny_model.num_heads=2",
                  "tiny_model.intermediate_size=256", "rollout.max_new_tokens=16", "data.prompts_per_iteration=4",
+                 *[f"{role}.micro_batch_size=8" for role in ("policy", "critic", "reference", "reward")],
                  f"reward.model={tmp_path / 'reward_model'}"]
     report = bench(BENCH_CONFIG, overrides, iterations=2, output=output, vs="trl")
     printed = capsys.readouterr().out

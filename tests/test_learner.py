@@ -25,11 +25,12 @@ def one_rank_group():
         port = probe.getsockname()[1]
     environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                    "LOCAL_RANK": "0"}
+    already = torch.distributed.is_initialized()  # (an in-process vLLM engine's, which keeps it)
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():
             patch.setenv(name, value)
         yield
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized() and not already:
             torch.distributed.destroy_process_group()
 
 

@@ -44,10 +44,12 @@ class ActorGroup:
         *,
         namespace: str,
         share_placement_group: PlacementGroup | None = None,
+        cpu_threads: int | None = None,
         **actor_kwargs: Any,
     ) -> None:
         """`placement` (relay/placement.py) says what to reserve; a colocated role reserves nothing and puts rank i
-        in bundle i of `share_placement_group`, the policy learner's group."""
+        in bundle i of `share_placement_group`, the policy learner's group. `cpu_threads`: each rank's OpenMP
+        threads (None: Ray's, one for a fractional-CPU actor)."""
         self.name = name
         self.world_size = placement.world_size
         self.owns_placement_group = not placement.colocated
@@ -75,6 +77,7 @@ class ActorGroup:
                 "WORLD_SIZE": str(self.world_size),
                 # Ray gives each GPU actor only its own device (CUDA_VISIBLE_DEVICES), which it sees as cuda:0.
                 "LOCAL_RANK": "0",
+                **({"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads else {}),
             }
             self.actors.append(
                 remote_class.options(

@@ -160,9 +160,16 @@ def iteration_figures(rows: list[dict[str, float]], config: RelayConfig) -> dict
     phases["other"] = iteration - sum(phases.values())
     roles = {phase: {label: median(f"time/{key}") for key, label in passes.items() if f"time/{key}" in rows[0]}
              for phase, passes in ROLE_PASSES.items()}
-    # The time the driver waits beyond the slowest role of each phase: Ray, the object store, the driver itself.
-    overhead = phases["control"] + phases["accounting"] + phases["other"] + sum(max(0.0, phases[phase] - max(busy.values(), default=phases[phase]))
-                                     for phase, busy in roles.items())
+    # The time the driver waits beyond the roles' own work in each phase (the slowest role when they run in
+    # parallel, all of them when one after another): Ray, the object store, the driver itself.
+    def critical_path(phase: str, busy: dict[str, float]) -> float:
+        if not busy:
+            return phases[phase]
+        one_after_another = phase == "sync" or not config.run.roles_in_parallel  # (the gather, then the load)
+        return sum(busy.values()) if one_after_another else max(busy.values())
+
+    overhead = phases["control"] + phases["accounting"] + phases["other"] + sum(
+        max(0.0, phases[phase] - critical_path(phase, busy)) for phase, busy in roles.items())
     tokens = statistics.median(row["response/length_mean"] for row in rows) * config.samples_per_iteration
     memory = {name.removeprefix("perf/").removesuffix("_peak_rss_mib"): rows[-1][name]
               for name in rows[-1] if name.endswith("_peak_rss_mib")}
@@ -191,7 +198,8 @@ def raw_passes(config: RelayConfig, policy_path: str, reward_path: str | None, r
     prompts = trainer.next_prompts(config.data.prompts_per_iteration)
 
     def median_seconds(call: Callable[[], Any]) -> tuple[float, Any]:
-        seconds, result = [], None
+        """The median of `repeats` calls after an untimed one (the first call of a model warms it up)."""
+        seconds, result = [], call()
         for _ in range(repeats):
             started = time.perf_counter()
             result = call()

@@ -200,17 +200,20 @@ class PPOTrainer:
         """Learners, reference and reward, each an ActorGroup placed as relay/placement.py plans (a colocated
         scorer inside the policy learner's bundles), all started in parallel."""
         config, namespace = self.config, self.config.actor_namespace
+        # On CPUs with the roles one after another, each has the machine's cores while it runs.
+        threads = os.cpu_count() if config.device == "cpu" and not config.run.roles_in_parallel else None
         self.policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=namespace,
-                                 role="policy", config=config, model_path=policy_path)
+                                 cpu_threads=threads, role="policy", config=config, model_path=policy_path)
         if config.algorithm.uses_critic:  # critic-free estimators get no critic actors, groups or checkpoints
             self.critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"),
-                                     namespace=namespace, role="critic", config=config, model_path=critic_path)
+                                     namespace=namespace, cpu_threads=threads, role="critic", config=config,
+                                     model_path=critic_path)
         if not config.reference_in_policy:
             self.reference = ActorGroup(Reference, "reference", role_placement(config, "reference"),
                                         namespace=namespace, share_placement_group=self.policy.placement_group,
-                                        config=config, model_path=self.state.reference_model)
+                                        cpu_threads=threads, config=config, model_path=self.state.reference_model)
         self.reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
-                                 share_placement_group=self.policy.placement_group,
+                                 share_placement_group=self.policy.placement_group, cpu_threads=threads,
                                  config=config, model_path=self.state.reward_model)
         for group in (*self.learners, *([] if config.reference_in_policy else [self.reference]), self.reward):
             group.wait_ready()  # built in parallel, awaited here
@@ -227,10 +230,14 @@ class PPOTrainer:
             batch, raw_rewards = self.sample_batch(iteration, metrics)
         batch_ref = ray.put(batch)
 
-        # 3. Score in parallel: old log-probs (never the sampler's), reference log-probs, values (with a critic),
-        #    rewards.
+        # 3. Score in parallel (run.roles_in_parallel): old log-probs (never the sampler's), reference log-probs,
+        #    values (with a critic), rewards.
         with phase("score", metrics):
-            scored = {name: group.call(method, batch_ref) for name, group, method in self.scorers}
+            scored = {}
+            for name, group, method in self.scorers:
+                scored[name] = group.call(method, batch_ref)
+                if not config.run.roles_in_parallel:
+                    self.wait(scored[name], f"{name} (score)")  # one role at a time
             if raw_rewards is None:
                 raw_rewards = self.score_rewards(batch, batch_ref, iteration)
             old_logprobs, ref_logprobs, *critic_values = (torch.cat(self.wait(refs, f"{name} (score)"))
@@ -249,9 +256,14 @@ class PPOTrainer:
             train_ref = ray.put(replace(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
                                         sequence_rewards=rewards, advantages=advantages, returns=returns))
 
-        # 5. Training epochs: the policy (clipped surrogate) and the critic (clipped value loss), in parallel.
+        # 5. Training epochs: the policy (clipped surrogate) and the critic (clipped value loss), in parallel
+        #    (run.roles_in_parallel).
         with phase("train", metrics):
-            stats = {group.name: group.call("train", train_ref, iteration) for group in self.learners}
+            stats = {}
+            for group in self.learners:
+                stats[group.name] = group.call("train", train_ref, iteration)
+                if not config.run.roles_in_parallel:
+                    self.wait(stats[group.name], f"{group.name} (train)")  # one role at a time
             for name, refs in stats.items():
                 metrics |= mean_over_ranks(self.wait(refs, f"{name} (train)"))
 

@@ -308,6 +308,10 @@ class RunSection(Section):
         300, ge=3, description="relay submit: how long `relay stop` lets the driver checkpoint before Ray kills it"
     )
     keep_checkpoints: int = Field(0, ge=0, description="keep the newest K checkpoints (0: all)")
+    roles_in_parallel: bool = Field(
+        True, description="score, and train, the roles at the same time; false: one after another, each with every "
+        "core on device cpu (on 2 cores the two took the same time within noise: relay bench)"
+    )
     resume: Literal["auto", "never"] = "auto"
     call_timeout_s: float = Field(
         1800.0, gt=0, description="the longest the driver waits on one call to a role before naming it as stuck"

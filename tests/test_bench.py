@@ -20,7 +20,8 @@ def test_bench_reports_every_phase_its_raw_passes_and_trl_on_the_same_work(tmp_p
     overrides = ["tiny_model.hidden_size=128", "tiny_model.num_layers=2", "tiny_model.num_heads=2",
                  "tiny_model.intermediate_size=256", "rollout.max_new_tokens=16", "data.prompts_per_iteration=4",
                  *[f"{role}.micro_batch_size=8" for role in ("policy", "critic", "reference", "reward")],
-                 f"reward.model={tmp_path / 'reward_model'}"]
+                 f"reward.model={tmp_path / 'reward_model'}",
+                 "run.roles_in_parallel=false"]  # the one-after-another layout (every other test runs in parallel)
     report = bench(BENCH_CONFIG, overrides, iterations=2, output=output, vs="trl")
     printed = capsys.readouterr().out
     with capsys.disabled():
@@ -44,6 +45,8 @@ def test_bench_reports_every_phase_its_raw_passes_and_trl_on_the_same_work(tmp_p
         written["iteration_seconds"] / written["baseline"]["iteration_seconds"])
     assert {"policy", "critic", "reference", "reward", "rollout"} <= set(written["peak_memory_mib"])
     assert written["startup_seconds"] > 0
+    # One role at a time: a phase lasts at least as long as its roles' busy times together.
+    assert phases["score"] >= sum(written["roles"]["score"].values())
     assert (output / "bench.png").stat().st_size > 0
     # Every sample had exactly rollout.max_new_tokens tokens: both sides did the same work.
     rows = [json.loads(line) for line in (output / "run" / "metrics.jsonl").read_text().splitlines()]

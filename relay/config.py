@@ -358,7 +358,9 @@ class RelayConfig(Section):
     def _consistent(self) -> RelayConfig:
         if (self.policy.model is None) == (self.tiny_model is None):
             raise ValueError("set exactly one of policy.model (a Hub name or path) and tiny_model")
-        learner_roles = {"policy": self.policy.resources, "critic": self.critic.resources}
+        learner_roles = {"policy": self.policy.resources}
+        if self.algorithm.uses_critic:  # critic-free estimators place no critic
+            learner_roles["critic"] = self.critic.resources
         if not self.reference.colocate_with_policy:
             learner_roles["reference"] = self.reference.resources
         if self.reward.uses_gpu_model and not self.reward.colocate_with_policy:

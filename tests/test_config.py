@@ -24,6 +24,19 @@ def test_gpu_configs_ask_for_gpus():
     assert multinode.policy.zero_stage == 3
 
 
+def test_the_gpu_recipes_ask_for_the_gpus_their_headers_name():
+    from relay.placement import resource_shortfall, run_placement_groups
+
+    def gpus(config) -> float:
+        return sum(bundle.get("GPU", 0.0) for _, bundles in run_placement_groups(config) for bundle in bundles)
+
+    small = load_config(CONFIGS / "qwen2.5-0.5b-grpo-2gpu.yaml")  # critic-free: no critic GPU is asked for
+    assert not small.algorithm.uses_critic and gpus(small) == 2
+    assert resource_shortfall(small, {"CPU": 16.0, "GPU": 2.0}) is None
+    large = load_config(CONFIGS / "qwen2.5-7b-ppo-1node.yaml")
+    assert gpus(large) == 8 and resource_shortfall(large, {"CPU": 64.0, "GPU": 8.0}) is None
+
+
 def test_overrides_parse_yaml_values():
     config = load_config(CONFIGS / "demo.yaml", ["algorithm.kl_coef=0.5", "rollout.num_workers=2", "algorithm.value_clip=null"])
     assert config.algorithm.kl_coef == 0.5

@@ -56,6 +56,9 @@ class Learner(Usage):
         self.section = config.policy if role == "policy" else config.critic
         self.max_nonfinite = config.run.max_nonfinite_steps
         self.nonfinite_count = 0  # micro-batches with a non-finite loss + optimizer steps with a non-finite gradient
+        self.reuse_scoring_forward = config.algorithm.reuse_scoring_forward
+        # The scoring pass's outputs with their graphs, by micro-batch, for the first epoch (reuse_scoring_forward).
+        self._kept: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         init_distributed(timeout_s=config.run.call_timeout_s)
         torch.manual_seed(self.seed + rank)
 
@@ -95,7 +98,24 @@ class Learner(Usage):
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Policy: log-probs [b, Lr] of this rank's shard; critic: values [b, Lr]. """
         with self.busy("score"):
+            if self.reuse_scoring_forward:
+                return self._score_keeping_graph(batch)
             return self._score(batch)
+
+    def _score_keeping_graph(self, batch: RolloutBatch) -> torch.Tensor:
+        """The scoring pass as the first epoch's forward: in training mode (dropout is off, so it computes the same
+        numbers), with gradients, each micro-batch's output kept for `train`."""
+        self.engine.train()
+        shard = batch.shard(self.rank, self.world_size)
+        kept, scores = [], []
+        for rows in torch.arange(len(shard)).split(self.section.micro_batch_size):
+            part = shard.select(rows).to(self.device)
+            output = self._forward(part)
+            kept.append((rows, output))
+            detached = output.detach()
+            scores.append((ppo.token_logprobs(detached, part.response_ids) if self.role == "policy" else detached).cpu())
+        self._kept = (shard.response_ids, kept)
+        return torch.cat(scores)
 
     def _score(self, batch: RolloutBatch) -> torch.Tensor:
         self.engine.eval()
@@ -124,15 +144,21 @@ class Learner(Usage):
     def _train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
         self.engine.train()
         shard = batch.shard(self.rank, self.world_size)
+        kept, self._kept = self._kept, None
+        if kept is not None and not torch.equal(kept[0], shard.response_ids):
+            kept = None  # scored another batch: forward again
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
         mini_batch_rows = len(shard) // self.algorithm.mini_batches  # the config checks that both divide evenly
         totals: dict[str, float] = {}
         count = skipped_micro_batches = skipped_steps = 0
-        for _ in range(self.algorithm.epochs):
+        for epoch in range(self.algorithm.epochs):
             for mini_batch in torch.randperm(len(shard), generator=generator).split(mini_batch_rows):
-                micro_batches = mini_batch.split(self.section.micro_batch_size)
+                # The scoring pass's micro-batches and outputs (the whole batch, as the one mini-batch).
+                reused = kept[1] if kept is not None and epoch == 0 else None
+                micro_batches = [rows for rows, _ in reused] if reused else mini_batch.split(self.section.micro_batch_size)
                 for position, rows in enumerate(micro_batches):
-                    loss, stats, output = self._loss(shard.select(rows).to(self.device))
+                    output = reused[position][1] if reused else None
+                    loss, stats, output = self._loss(shard.select(rows).to(self.device), output)
                     if not torch.isfinite(loss):
                         # Nothing trains on a non-finite loss: this micro-batch's gradient is exactly zero (through
                         # the finite model output, so every rank and ZeRO stage keeps its step), and it is counted.
@@ -170,11 +196,12 @@ class Learner(Usage):
                                 f"non-finite losses or gradients, more than run.max_nonfinite_steps="
                                 f"{self.max_nonfinite}")
 
-    def _loss(self, part: RolloutBatch) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """(loss, its statistics, the model output it came from)."""
+    def _loss(self, part: RolloutBatch, output: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """(loss, its statistics, the model output it came from: `output` when given, else a forward pass)."""
         mask = part.response_mask
         if self.role == "policy":
-            logits = self._forward(part)
+            logits = self._forward(part) if output is None else output
             logprobs = ppo.token_logprobs(logits, part.response_ids)
             algorithm = self.algorithm
             surrogate, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
@@ -194,7 +221,7 @@ class Learner(Usage):
                 "policy/entropy": entropy.item(),
                 **extra,
             }, logits
-        values = self._forward(part)
+        values = self._forward(part) if output is None else output
         loss, value_stats = ppo.value_loss(values, part.values, part.returns, mask, self.algorithm.value_clip)
         return loss, {
             "losses/value": loss.item(),

@@ -202,6 +202,10 @@ class AlgorithmSection(Section):
         False, description="grpo, rloo: drop prompts whose samples all scored alike, sample more to fill the batch"
     )
     max_sampling_rounds: int = Field(4, ge=1, description="dynamic sampling: generation rounds per iteration at most")
+    reuse_scoring_forward: bool = Field(
+        False, description="the policy's and critic's scoring pass keeps its graph and serves as the first epoch's "
+        "forward (one mini-batch only; the scored batch's activations stay in memory until then)"
+    )
 
     @property
     def uses_critic(self) -> bool:
@@ -215,6 +219,9 @@ class AlgorithmSection(Section):
             raise ValueError("algorithm.dynamic_sampling drops groups of samples: it needs advantage grpo or rloo")
         if self.kl_placement == "loss" and self.kl_target is not None:
             raise ValueError("algorithm.kl_target (adaptive β) applies to the KL in the reward, not as a loss")
+        if self.reuse_scoring_forward and self.mini_batches != 1:
+            raise ValueError("algorithm.reuse_scoring_forward needs mini_batches 1: the first mini-batch must be the "
+                             "whole batch the scoring pass saw")
         return self
 
     def describe(self) -> str:
@@ -369,6 +376,9 @@ class RelayConfig(Section):
             learner_roles["warm_start"] = self.warm_start.resources
         if self.reward_model_training is not None:
             learner_roles["reward_model_training"] = self.reward_model_training.resources
+        if self.algorithm.reuse_scoring_forward and 3 in (self.policy.zero_stage, self.critic.zero_stage):
+            raise ValueError("algorithm.reuse_scoring_forward needs policy.zero_stage and critic.zero_stage 2 (ZeRO-3 "
+                             "re-gathers each layer in the order of its forward passes)")
         for role, resources in learner_roles.items():
             if self.device == "cuda" and resources.gpus_per_node == 0:
                 raise ValueError(f"{role}.resources.gpus_per_node must be >= 1 with device: cuda")

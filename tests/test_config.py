@@ -85,3 +85,12 @@ def test_missing_file_and_bad_override(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(bad)
+
+
+def test_reusing_the_scoring_forward_needs_one_mini_batch_and_zero_2():
+    load_config(CONFIGS / "demo.yaml", ["algorithm.reuse_scoring_forward=true", "algorithm.mini_batches=1"])
+    with pytest.raises(ConfigError, match=r"reuse_scoring_forward needs mini_batches 1"):
+        load_config(CONFIGS / "demo.yaml", ["algorithm.reuse_scoring_forward=true", "algorithm.mini_batches=2"])
+    with pytest.raises(ConfigError, match=r"reuse_scoring_forward needs policy.zero_stage and critic.zero_stage 2"):
+        load_config(CONFIGS / "demo.yaml", ["algorithm.reuse_scoring_forward=true", "algorithm.mini_batches=1",
+                                            "policy.zero_stage=3"])

@@ -6,6 +6,7 @@ the weights or the optimizer state, and each is counted against run.max_nonfinit
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,8 +71,8 @@ def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted
     assert before is not None
 
     loss = learner._loss
-    learner._loss = lambda part: (lambda value, stats, output: (nan_gradient(value, output), stats, output))(
-        *loss(part))
+    learner._loss = lambda part, output=None: (
+        lambda value, stats, output: (nan_gradient(value, output), stats, output))(*loss(part, output))
     stats = learner.train(batch, iteration=1)
     # Two mini-batches, two optimizer steps, both dropped; every loss was finite, so none was zeroed.
     assert stats["losses/policy_skipped_steps"] == 2.0 and stats["losses/policy_nonfinite"] == 0.0
@@ -88,3 +89,35 @@ def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted
     trained = full_state_dict(learner.engine.module, zero_stage, rank=0)
     assert trained is not None and all(torch.isfinite(tensor).all() for tensor in trained.values())
     assert any(not torch.equal(before[name], trained[name]) for name in before)
+
+
+@pytest.mark.parametrize("role", ["policy", "critic"])
+def test_the_scoring_forward_reused_for_training_gives_the_same_scores_and_update(one_rank_group, tiny_model,
+                                                                                  tmp_path, role):
+    from actors.learner import Learner
+    from relay.zero import full_state_dict
+
+    # One micro-batch per mini-batch: both ways train on the same rows in one micro-batch.
+    settings = ["algorithm.epochs=2", "algorithm.mini_batches=1", f"{role}.micro_batch_size=16"]
+    learners = {reuse: Learner(role, tiny_run_config(tmp_path / f"reuse-{reuse}", *settings,
+                                                     f"algorithm.reuse_scoring_forward={str(reuse).lower()}"),
+                               str(tiny_model), rank=0, world_size=1) for reuse in (False, True)}
+    batch = synthetic_batch(tiny_run_config(tmp_path), learners[False].tokenizer.vocab_size)
+    scores = {reuse: learner.score(batch) for reuse, learner in learners.items()}
+    assert torch.equal(scores[False], scores[True])
+    assert learners[True]._kept is not None and learners[False]._kept is None
+    if role == "policy":
+        batch = replace(batch, old_logprobs=scores[True])
+    else:
+        batch = replace(batch, values=scores[True], returns=scores[True] + batch.advantages)
+    stats = {reuse: learner.train(batch, iteration=1) for reuse, learner in learners.items()}
+    assert learners[True]._kept is None  # used once, then dropped
+    loss = "losses/policy" if role == "policy" else "losses/value"
+    assert stats[True][loss] == pytest.approx(stats[False][loss], rel=1e-5)
+    weights = {reuse: full_state_dict(learner.engine.module, 2, rank=0) for reuse, learner in learners.items()}
+    # Equal but for summation order (the rows of the one micro-batch come in another order).
+    assert all(torch.allclose(weights[True][name], weights[False][name], atol=1e-5) for name in weights[True])
+
+    # A train call for a batch the learner did not score forwards again rather than reuse a stale graph.
+    learners[True].score(synthetic_batch(tiny_run_config(tmp_path), 7))
+    learners[True].train(batch, iteration=2)

@@ -150,15 +150,13 @@ def run_relay(config: RelayConfig) -> dict[str, Any]:
 
 
 def iteration_figures(rows: list[dict[str, float]], config: RelayConfig) -> dict[str, Any]:
-    """Medians over the timed iterations: the iteration, its phases (adding up to it), the roles' busy time in
-    them, throughput, and each role's peak memory."""
-    def median(name: str) -> float:
-        return statistics.median(row.get(name, 0.0) for row in rows)
-
-    iteration = median("time/iteration")
-    phases = {name: median(f"time/{name}") for name in PHASES}
+    """The median iteration (the timed one whose time is the median; medians of each phase would not add up): its
+    time, its phases (adding up to it), the roles' busy time in them; throughput, and each role's peak memory."""
+    median = sorted(rows, key=lambda row: row["time/iteration"])[(len(rows) - 1) // 2]
+    iteration = median["time/iteration"]
+    phases = {name: median.get(f"time/{name}", 0.0) for name in PHASES}
     phases["other"] = iteration - sum(phases.values())
-    roles = {phase: {label: median(f"time/{key}") for key, label in passes.items() if f"time/{key}" in rows[0]}
+    roles = {phase: {label: median[f"time/{key}"] for key, label in passes.items() if f"time/{key}" in median}
              for phase, passes in ROLE_PASSES.items()}
     # The time the driver waits beyond the roles' own work in each phase (the slowest role when they run in
     # parallel, all of them when one after another): Ray, the object store, the driver itself.
@@ -170,7 +168,7 @@ def iteration_figures(rows: list[dict[str, float]], config: RelayConfig) -> dict
 
     overhead = phases["control"] + phases["accounting"] + phases["other"] + sum(
         max(0.0, phases[phase] - critical_path(phase, busy)) for phase, busy in roles.items())
-    tokens = statistics.median(row["response/length_mean"] for row in rows) * config.samples_per_iteration
+    tokens = median["response/length_mean"] * config.samples_per_iteration
     memory = {name.removeprefix("perf/").removesuffix("_peak_rss_mib"): rows[-1][name]
               for name in rows[-1] if name.endswith("_peak_rss_mib")}
     return {
@@ -239,7 +237,7 @@ def machine() -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     iteration = report["iteration_seconds"]
-    lines = [f"relay bench: {report['config']}, median of {report['iterations']} iterations after a warm-up",
+    lines = [f"relay bench: {report['config']}, the median of {report['iterations']} iterations after a warm-up",
              f"{'phase':<28}{'seconds':>9}{'share':>8}"]
     for phase, seconds in report["phases"].items():
         lines.append(f"{phase:<28}{seconds:>9.3f}{seconds / iteration:>8.1%}")

@@ -244,7 +244,7 @@ class Learner(Usage):
             size += sum(tensor.numel() * tensor.element_size() for tensor in bucket.values())
             yield bucket
         seconds = time.perf_counter() - started
-        self._busy_seconds = getattr(self, "_busy_seconds", {}) | {"gather": seconds}
+        self.add_busy("gather", seconds)
         yield GatherSummary(buckets, size, seconds)
 
     def save(self, checkpoint_dir: str) -> None:

@@ -22,9 +22,13 @@ class Usage:
         yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+        self.add_busy(what, time.perf_counter() - started)
+
+    def add_busy(self, what: str, seconds: float) -> None:
+        """Count `seconds` as this process's `what` (for work timed by itself, such as a generator's)."""
         if not hasattr(self, "_busy_seconds"):
             self._busy_seconds = {}
-        self._busy_seconds[what] = self._busy_seconds.get(what, 0.0) + time.perf_counter() - started
+        self._busy_seconds[what] = self._busy_seconds.get(what, 0.0) + seconds
 
     def usage(self) -> dict[str, float]:
         """Seconds per pass since the last call (then reset), and peak memory so far: resident (MiB) and, on a

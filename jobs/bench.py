@@ -76,16 +76,11 @@ def bench(config_path: Path, overrides: list[str], iterations: int, output: Path
     output = output.resolve()
     run_dir = output / "run"
     shutil.rmtree(run_dir, ignore_errors=True)  # the bench's own run of last time
-    config = load_config(config_path, [
-        *overrides, f"run.output_dir={run_dir}", f"run.iterations={iterations + 1}", "run.eval_every=0",
-        "run.checkpoint_every=0", "run.resume=never",
-    ])
-    policy_path, reward_path = prepare_models(config, output)
-    config = load_config(config_path, [
-        *overrides, f"run.output_dir={run_dir}", f"run.iterations={iterations + 1}", "run.eval_every=0",
-        "run.checkpoint_every=0", "run.resume=never", "tiny_model=null", f"policy.model={policy_path}",
-        *([f"reward.model={reward_path}"] if reward_path else []),
-    ])
+    run_overrides = [*overrides, f"run.output_dir={run_dir}", f"run.iterations={iterations + 1}", "run.eval_every=0",
+                     "run.checkpoint_every=0", "run.resume=never"]
+    policy_path, reward_path = prepare_models(load_config(config_path, run_overrides), output)
+    config = load_config(config_path, [*run_overrides, "tiny_model=null", f"policy.model={policy_path}",
+                                       *([f"reward.model={reward_path}"] if reward_path else [])])
 
     summary = run_relay(config)
     rows = read_metrics(run_dir / "metrics.jsonl")[1:]  # the first iteration warms up

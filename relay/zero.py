@@ -82,6 +82,12 @@ def lr_scheduler(section: TrainerSection, total_steps: int) -> dict[str, Any] | 
 def init_distributed(timeout_s: float = 1800) -> None:
     """Join the process group described by MASTER_ADDR/PORT, RANK, WORLD_SIZE (set by ActorGroup or Ray Train).
     A collective that waits longer than `timeout_s` on a rank (a dead or stuck peer) raises instead of hanging."""
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles its shared-memory op (used only by inference_all_reduce, never in
+        # training) in every new process, behind a lock file in ~/.cache/torch_extensions: a learner killed
+        # mid-build leaves that lock behind and every later learner waits on it forever (seen: CI hung for an
+        # hour). DeepSpeed keeps this dict in its module so that edits persist; the all-reduces stay on gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(seconds=timeout_s))

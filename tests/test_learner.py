@@ -57,6 +57,20 @@ def nan_gradient(loss: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return loss + (output.sum() * 0.0).clamp(min=0.0).sqrt()
 
 
+@pytest.mark.timeout(180)
+def test_a_cpu_learner_starts_past_a_stale_deepspeed_build_lock(one_rank_group, tiny_model, tmp_path, monkeypatch):
+    # What a learner killed while DeepSpeed JIT-built its shared-memory op leaves behind. Every later learner used to
+    # wait on it forever; the op serves only inference all-reduces, so CPU learners do without it.
+    import deepspeed.comm.comm
+    from actors.learner import Learner
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    (tmp_path / "extensions" / "deepspeed_shm_comm").mkdir(parents=True)
+    (tmp_path / "extensions" / "deepspeed_shm_comm" / "lock").touch()
+    Learner("policy", tiny_run_config(tmp_path), str(tiny_model), rank=0, world_size=1)
+    assert deepspeed.comm.comm.cdb.shm_comm_op is None
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted(
         one_rank_group, tiny_model, tmp_path, zero_stage):

@@ -1,0 +1,69 @@
+"""Tier 1: the evaluation metrics and the trainer's decisions from them, against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from relay.evaluation import EarlyStopping, bleu, chrf, over_kl_budget, perplexity, sequence_kl, win_rate
+
+
+def test_perplexity_of_a_known_distribution_pools_tokens_and_ignores_padding():
+    # A uniform choice among 4 tokens: perplexity 4.
+    assert perplexity(torch.full((3, 5), math.log(1 / 4)), torch.ones(3, 5)) == pytest.approx(4.0)
+    # Probabilities 1/2 and 1/8: mean negative log-likelihood (ln 2 + ln 8) / 2 = 2 ln 2, so perplexity 4 again —
+    # and padding (-inf here) is not a token.
+    logprobs = torch.tensor([[math.log(1 / 2), -math.inf], [math.log(1 / 8), -math.inf]])
+    assert perplexity(logprobs, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="no tokens"):
+        perplexity(logprobs, torch.zeros(2, 2))
+
+
+def test_bleu_and_chrf_of_known_pairs():
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    # Matches of 1- to 4-grams: 5/6, 3/5, 2/4, 1/3, the same length (no brevity penalty): their geometric mean.
+    assert bleu(["the cat sat on a mat"], ["the cat sat on the mat"]) == pytest.approx(
+        100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    # chrF of "ab" against "ac": characters P = R = 1/2, bigrams P = R = 0; averaged 1/4, so F2 = 1/4.
+    assert chrf(["ab"], ["ac"]) == pytest.approx(25.0)
+    assert chrf(["51413"], ["51413"]) == pytest.approx(100.0)
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 0.5, 0.2, 0.7], [0.5, 0.5, 0.9, 0.1]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    with pytest.raises(ValueError, match="paired"):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_sequence_kl_sums_tokens_of_each_response_and_means_over_responses():
+    logprobs = torch.tensor([[-1.0, -1.0], [-2.0, float("nan")]])
+    reference = torch.tensor([[-2.0, -1.0], [-1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert sequence_kl(logprobs, reference, mask) == pytest.approx((1.0 + -1.0) / 2)
+
+
+def test_early_stopping_on_a_scripted_sequence():
+    stopping = EarlyStopping(mode="max", min_delta=0.01, patience=2)
+    decisions = []
+    for iteration, value in zip(range(10, 70, 10), [0.2, 0.5, 0.505, 0.55, 0.54, 0.53]):
+        decisions.append((stopping.update(iteration, value), stopping.should_stop))
+    # 0.505 is not better than 0.5 by more than min_delta; 0.55 is, and resets the count; two worse ones end it.
+    assert decisions == [(True, False), (True, False), (False, False), (True, False), (False, False), (False, True)]
+    assert (stopping.best, stopping.best_iteration) == (0.55, 40)
+
+    resumed = EarlyStopping(mode="max", min_delta=0.01, patience=2)
+    resumed.load_state_dict(stopping.state_dict())
+    assert resumed == stopping
+
+    lower_is_better = EarlyStopping(mode="min")  # e.g. perplexity; without patience it only tracks the best
+    for iteration, value in enumerate([3.0, 2.0, float("nan"), 2.5, 1.9]):
+        lower_is_better.update(iteration, value)
+    assert (lower_is_better.best, lower_is_better.best_iteration, lower_is_better.should_stop) == (1.9, 4, False)
+
+
+def test_kl_budget():
+    assert not over_kl_budget(5.0, None)
+    assert not over_kl_budget(0.5, 0.5) and over_kl_budget(0.51, 0.5)
+    assert over_kl_budget(float("nan"), 0.5)

@@ -89,18 +89,20 @@ class Learner(Usage):
         self.engine = init_engine(model, self.ds_config, self.section.learning_rate, self.section.weight_decay)
         self.device = self.engine.device
 
-    def _forward(self, batch: RolloutBatch) -> torch.Tensor:
+    def _forward(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
         batch = batch.to(self.device)
         if self.role == "policy":
-            return response_logits(self.engine, batch, self.temperature)
+            return response_logits(self.engine, batch, temperature or self.temperature)
         return response_values(self.engine, batch)
 
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Policy: log-probs [b, Lr] of this rank's shard; critic: values [b, Lr]. """
+    def score(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
+        """Policy: log-probs [b, Lr] of this rank's shard, at the sampler's temperature unless one is given (1 for
+        a perplexity); critic: values [b, Lr]. An evaluation gives the temperature: its pass is never kept for
+        training."""
         with self.busy("score"):
-            if self.reuse_scoring_forward:
+            if self.reuse_scoring_forward and temperature is None:
                 return self._score_keeping_graph(batch)
-            return self._score(batch)
+            return self._score(batch, temperature)
 
     def _score_keeping_graph(self, batch: RolloutBatch) -> torch.Tensor:
         """The scoring pass as the first epoch's forward: in training mode (dropout is off, so it computes the same
@@ -117,23 +119,23 @@ class Learner(Usage):
         self._kept = (shard.response_ids, kept)
         return torch.cat(scores)
 
-    def _score(self, batch: RolloutBatch) -> torch.Tensor:
+    def _score(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
         self.engine.eval()
         shard = batch.shard(self.rank, self.world_size)
 
         def score_micro_batch(micro: RolloutBatch) -> torch.Tensor:
-            output = self._forward(micro)
+            output = self._forward(micro, temperature)
             if self.role == "policy":
                 output = ppo.token_logprobs(output, micro.response_ids.to(self.device))
             return output.cpu()
 
         return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)
 
-    def score_reference(self, batch: RolloutBatch) -> torch.Tensor:
+    def score_reference(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
         """A LoRA policy's reference log-probs [b, Lr] of this rank's shard: its base model, adapters switched off,
         so the reference needs no copy of its own."""
         with self.busy("score_reference"), self.engine.module.disable_adapter():
-            return self._score(batch)
+            return self._score(batch, temperature)
 
     def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
         """`algorithm.epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer

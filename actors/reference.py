@@ -1,4 +1,5 @@
-"""Reference: the frozen initial policy, one data-parallel rank of it. Gives log-probs for the KL penalty."""
+"""Reference: the frozen initial policy, one data-parallel rank of it. Gives log-probs for the KL penalty (and, in
+`relay eval`, a frozen checkpoint's log-probs)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,14 @@ class Reference(Usage):
         self.model = load_model(model_path, "causal_lm", config.reference.dtype).to(self.device).eval()
         self.model.requires_grad_(False)
 
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Reference log-probs [b, Lr] of this rank's shard of the batch."""
+    def score(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
+        """Reference log-probs [b, Lr] of this rank's shard of the batch, at the sampler's temperature unless one is
+        given."""
         shard = batch.shard(self.rank, self.world_size)
 
         def logprobs(micro: RolloutBatch) -> torch.Tensor:
             micro = micro.to(self.device)
-            logits = response_logits(self.model, micro, self.temperature)
+            logits = response_logits(self.model, micro, temperature or self.temperature)
             return ppo.token_logprobs(logits, micro.response_ids).cpu()
 
         with self.busy("score"):

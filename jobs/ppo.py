@@ -54,11 +54,9 @@ from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
 from relay.placement import role_placement
 from relay.prompts import Prompt, data_alphabet, load_prompt_data, max_prompt_tokens
 from relay.rewards import FunctionReward, RewardNormalizer, RewardSource, build_reward_source
+from relay.evaluation import EarlyStopping, EvalScorers, Evaluation, over_kl_budget
 from relay.storage import publish_directory, write_atomic
 from relay.tasks import task_of
-
-EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
-
 
 @dataclass
 class DriverState:
@@ -73,7 +71,12 @@ class DriverState:
     reference_model: str = ""
     eval_score_base: float | None = None
     eval_score_before: float | None = None
-    eval_points: list[tuple[int, float]] | None = None
+    eval_points: list[tuple[int, float]] | None = None  # (iteration, eval/score), for the reward curve
+    eval_before: dict[str, float] | None = None  # the evaluation PPO started from
+    eval_baseline_rewards: list[float] | None = None  # its samples' rewards: eval/win_rate compares against them
+    early_stop: dict | None = None  # relay.evaluation.EarlyStopping's state
+    eval_last: dict[str, float] | None = None  # the newest evaluation
+    stop_reason: str | None = None  # why the run ended before run.iterations (early stopping, the KL budget)
     reward_stats: dict | None = None  # the reward normalizer's running mean/std
     reward_model: str | None = None  # reward.model, or the one trained at the start of the run
     reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
@@ -103,6 +106,8 @@ class PPOTrainer:
             print(f"data: {counts.dropped} prompts dropped and {counts.truncated} truncated, being longer than "
                   f"{max_prompt_tokens(config)} tokens (rollout.max_model_len - rollout.max_new_tokens)", flush=True)
         self.eval_scorer, self.eval_metric = eval_scorer(config)
+        self.evaluation = Evaluation(config, self.tokenizer, self.data.eval)  # its text set is read here, too
+        check_eval_metric(config, self.data.eval[0].metadata)
         if config.reward.type == "rules":
             columns = self.data.eval[0].metadata
             for rule in config.reward.rules:
@@ -119,6 +124,8 @@ class PPOTrainer:
         """The driver's state as a new run starts it; a checkpoint, when there is one, then overwrites it."""
         config = self.config
         self.state = DriverState(kl_coef=config.algorithm.kl_coef)
+        early_stop = config.run.early_stop
+        self.early_stopping = EarlyStopping(early_stop.direction, early_stop.min_delta, early_stop.patience)
         self.reward_normalizer = RewardNormalizer(normalize=config.reward.normalize, clip=config.reward.clip)
         self.kl_controller: ppo.AdaptiveKLController | ppo.FixedKLController = (
             ppo.AdaptiveKLController(config.algorithm.kl_coef, config.algorithm.kl_target, config.algorithm.kl_horizon)
@@ -138,8 +145,10 @@ class PPOTrainer:
         if checkpoint is not None:
             self.wait([ref for group in self.learners for ref in group.call("load", str(checkpoint))],
                       "learners (load)")
-        else:  # after placement: a reward model scores through its actors
-            self.state.eval_score_before = self.evaluate()
+        else:  # after placement, so that every role scores: the start all later evaluations compare against
+            before = self.evaluation.run(self.eval_scorers())
+            self.state.eval_before, self.state.eval_baseline_rewards = before.metrics, before.rewards
+            self.state.eval_score_before = before.metrics.get("eval/score")
             self.state.eval_points = [] if self.state.eval_score_before is None else [(0, self.state.eval_score_before)]
         self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name, resumed_at=self.state.iteration,
                                      algorithm=self.config.algorithm.advantage)
@@ -147,6 +156,19 @@ class PPOTrainer:
             name=control_actor_name(current_run_id(self.config.run.name)), namespace=CONTROL_NAMESPACE,
             num_cpus=0, get_if_exists=True,
         ).remote(self.config.rollout.num_workers)
+
+    def completed_summary(self) -> dict | None:
+        """The summary of a run that is complete (trained to run.iterations, or stopped early), read before any role
+        is placed; None when there is training left, or a summary left to write."""
+        checkpoint = latest_checkpoint(self.run_dir) if self.config.run.resume == "auto" else None
+        summary_path = self.run_dir / "summary.json"
+        if checkpoint is None or not summary_path.exists():
+            return None
+        state = json.loads((checkpoint / "driver_state.json").read_text())
+        if state["iteration"] < self.config.run.iterations and not state.get("stop_reason"):
+            return None
+        print(f"{self.run_dir} is complete at iteration {state['iteration']}; use a new run.output_dir to rerun")
+        return json.loads(summary_path.read_text())
 
     def prepare_run_dir(self) -> Path | None:
         """Create the run directory and record the config; the checkpoint to resume from, if any."""
@@ -162,6 +184,8 @@ class PPOTrainer:
         """The driver's state, the KL controller and the reward normaliser as saved; engines on the saved policy.
         Returns the policy and critic weights to start the learners from (their DeepSpeed states load later)."""
         self.state = DriverState(**json.loads((checkpoint / "driver_state.json").read_text()))
+        if self.state.early_stop is not None:
+            self.early_stopping.load_state_dict(self.state.early_stop)
         self.kl_controller.load_state_dict({"value": self.state.kl_coef})
         if self.state.reward_stats:
             self.reward_normalizer.load_state_dict(self.state.reward_stats)
@@ -176,7 +200,8 @@ class PPOTrainer:
         config = self.config
         base_path = prepare_base_model(config, self.run_dir)
         self.fleet = RolloutFleet(config, base_path)
-        self.state.eval_score_base = self.evaluate()
+        # The base model's score, by the task or a reward function in the driver: no other role is up yet.
+        self.state.eval_score_base = self.evaluation.run(self.eval_scorers()).metrics.get("eval/score")
         policy_path = base_path
         if config.warm_start is not None:
             policy_path = run_warm_start(config, base_path, self.run_dir)
@@ -374,17 +399,31 @@ class PPOTrainer:
             policy_version=self.state.policy_version,
         )
 
-    def evaluate(self) -> float | None:
-        """The mean score (`eval_metric`) of samples on the held-out prompts; None while it cannot be had (a reward
-        model that is not placed, or not trained, yet)."""
-        if self.eval_scorer is None and not hasattr(self, "reward"):
-            return None
-        batch = self.generate(self.data.eval, self.config.data.eval_samples_per_prompt, EVAL_SEED, iteration=0)
-        if self.eval_scorer is not None:
-            scores = torch.tensor(self.eval_scorer.score(batch.prompts, batch.responses, batch.metadata))
+    def eval_scorers(self) -> EvalScorers:
+        """An evaluation's scorers: the task's score (or a reward function) in the driver, and the roles that are
+        placed — the reward source, the policy learner's and the reference's log-probs."""
+        placed = hasattr(self, "policy")
+        return EvalScorers(
+            generate=lambda prompts, samples, seed: self.generate(prompts, samples, seed, iteration=0),
+            scores=None if self.eval_scorer is None else lambda batch: torch.tensor(
+                self.eval_scorer.score(batch.prompts, batch.responses, batch.metadata)),
+            rewards=self.eval_rewards if placed else None,
+            policy_logprobs=self.eval_policy_logprobs if placed else None,
+            reference_logprobs=self.eval_reference_logprobs if placed else None,
+        )
+
+    def eval_rewards(self, batch: RolloutBatch) -> torch.Tensor:
+        return torch.cat(self.wait(self.reward.call("score", ray.put(batch)), "reward (score)"))
+
+    def eval_policy_logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        return torch.cat(self.wait(self.policy.call("score", ray.put(batch), temperature), "policy-learner (score)"))
+
+    def eval_reference_logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        if self.config.reference_in_policy:
+            refs = self.policy.call("score_reference", ray.put(batch), temperature)
         else:
-            scores = torch.cat(self.wait(self.reward.call("score", ray.put(batch)), "reward (score)"))
-        return scores.mean().item()
+            refs = self.reference.call("score", ray.put(batch), temperature)
+        return torch.cat(self.wait(refs, "reference (score)"))
 
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict:
@@ -409,16 +448,18 @@ class PPOTrainer:
 
     def train(self, started: float) -> dict:
         config = self.config
+        summary = self.completed_summary()
+        if summary is not None:
+            return summary
         self.setup()
         assert self.state.eval_points is not None
-        summary_path = self.run_dir / "summary.json"
-        if self.state.iteration >= config.run.iterations and summary_path.exists():
-            print(f"{self.run_dir} is complete at iteration {self.state.iteration}; use a new run.output_dir to rerun")
-            return json.loads(summary_path.read_text())
-        # (A run whose final checkpoint was written but not its summary trains nothing more, and finishes below.)
-        log_line(f"training from iteration {self.state.iteration + 1} to {config.run.iterations}: "
-                 f"{config.algorithm.describe()}")
-        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1), desc="train", unit="iter",
+        # A run whose final checkpoint was written but not its summary trains nothing more, and finishes below.
+        done = self.state.iteration >= config.run.iterations or self.state.stop_reason is not None
+        if not done:
+            log_line(f"training from iteration {self.state.iteration + 1} to {config.run.iterations}: "
+                     f"{config.algorithm.describe()}")
+        progress = tqdm(range(self.state.iteration + 1, config.run.iterations + 1 if not done else 0), desc="train",
+                        unit="iter",
                         initial=self.state.iteration, total=config.run.iterations, disable=not sys.stdout.isatty())
         for iteration in progress:
             iteration_started = time.monotonic()
@@ -434,27 +475,45 @@ class PPOTrainer:
             metrics["time/iteration"] = time.monotonic() - iteration_started  # evaluation and checkpoint apart
             self.state.iteration = iteration
             last = iteration == config.run.iterations or requests["finish"]
+            best = False
             if last or (config.run.eval_every and iteration % config.run.eval_every == 0):
                 with phase("eval", metrics):
-                    metrics["eval/score"] = self.evaluate()
+                    self.state.eval_last = self.evaluation.run(self.eval_scorers(),
+                                                               self.state.eval_baseline_rewards).metrics
+                metrics |= self.state.eval_last
                 self.state.eval_points.append((iteration, metrics["eval/score"]))
-            if last or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
+                best = self.early_stopping.update(iteration, metrics[config.run.early_stop.metric])
+            self.state.stop_reason = self.stop_reason(metrics)
+            last = last or self.state.stop_reason is not None
+            if last or best or (config.run.checkpoint_every and iteration % config.run.checkpoint_every == 0):
                 with phase("checkpoint", metrics):
                     self.save_checkpoint(iteration)
+                if best:
+                    self.link_policy("policy_best", iteration)
             metrics |= {"rollout/workers_active": len(self.fleet.active), "rollout/workers_pending": len(self.fleet.pending),
                         "rollout/worker_failures": self.fleet.failures}
             self.metrics.log(iteration, metrics)
             log_line(iteration_line(iteration, config.run.iterations, metrics))
             self.report_status("running", metrics)
             if last:
+                if self.state.stop_reason:
+                    log_line(f"stopping early at iteration {iteration}: {self.state.stop_reason}")
                 break
         eval_score_after = self.state.eval_points[-1][1] if self.state.eval_points else None
+        best = self.early_stopping
         final = self.checkpoint_path(self.state.iteration)
         summary = {
             "eval_score_base": self.state.eval_score_base,
             "eval_score_before": self.state.eval_score_before,
             "eval_score_after": eval_score_after,
             "eval_metric": self.eval_metric,
+            "best_metric": config.run.early_stop.metric,
+            "eval_score_best": best.best,
+            "best_iteration": best.best_iteration,
+            "policy_best": None if best.best_iteration is None else str(self.run_dir / "policy_best"),
+            "stopped_early": self.state.stop_reason,
+            "eval_before": self.state.eval_before,
+            "eval_after": self.state.eval_last,
             "prompts": self.data.source,
             "iterations": self.state.iteration,
             "samples": self.state.samples,
@@ -466,7 +525,7 @@ class PPOTrainer:
         if self.state.reward_model_accuracy is not None:
             summary |= {"reward_model": self.state.reward_model,
                         "reward_model_accuracy": self.state.reward_model_accuracy}
-        self.finish(summary, final)
+        self.finish(summary)
         self.report_status("finished", {})
         return summary
 
@@ -605,6 +664,25 @@ class PPOTrainer:
             "run_dir": str(self.run_dir),
         })
 
+    def stop_reason(self, metrics: dict[str, float]) -> str | None:
+        """Why the run ends here, before run.iterations: the KL budget, or early stopping; None: it goes on."""
+        config, stopping = self.config, self.early_stopping
+        if over_kl_budget(metrics["policy/kl_ref"], config.algorithm.kl_budget):
+            return f"policy/kl_ref {metrics['policy/kl_ref']:.4g} passed algorithm.kl_budget {config.algorithm.kl_budget:g}"
+        if stopping.should_stop:
+            early_stop = config.run.early_stop
+            return (f"{early_stop.metric} did not improve by more than {early_stop.min_delta:g} in "
+                    f"{early_stop.patience} evaluations (run.early_stop); best {stopping.best:.4g} at iteration "
+                    f"{stopping.best_iteration}")
+        return None
+
+    def link_policy(self, name: str, iteration: int) -> None:
+        """Point `<run_dir>/<name>` at a checkpoint's policy, replacing the link in one rename."""
+        temporary = self.run_dir / f"{name}.link"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(self.checkpoint_path(iteration).relative_to(self.run_dir) / "policy")
+        os.replace(temporary, self.run_dir / name)
+
     def checkpoint_path(self, iteration: int) -> Path:
         return self.run_dir / "checkpoints" / f"iter_{iteration:06d}"
 
@@ -618,6 +696,7 @@ class PPOTrainer:
                   "learners (save)")
         self.state.kl_coef = self.kl_controller.value
         self.state.reward_stats = self.reward_normalizer.state_dict()
+        self.state.early_stop = self.early_stopping.state_dict()
         (partial / "driver_state.json").write_text(json.dumps(asdict(self.state), indent=1))
         publish_directory(partial, final)
         self.prune_checkpoints()
@@ -636,12 +715,10 @@ class PPOTrainer:
             if old.name not in named:
                 shutil.rmtree(old)
 
-    def finish(self, summary: dict, final_checkpoint: Path) -> None:
-        link = self.run_dir / "policy"
-        temporary = self.run_dir / "policy.link"
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(final_checkpoint.relative_to(self.run_dir) / "policy")
-        os.replace(temporary, link)
+    def finish(self, summary: dict) -> None:
+        self.link_policy("policy", self.state.iteration)
+        if self.early_stopping.best_iteration is not None:  # again: a crash may have come between its checkpoint and link
+            self.link_policy("policy_best", self.early_stopping.best_iteration)
         plot_reward_curve(self.metrics.jsonl_path, self.run_dir / "reward_curve.png", self.state.eval_points or [])
         write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
@@ -726,6 +803,15 @@ def eval_scorer(config: RelayConfig) -> tuple[RewardSource | None, str]:
         return None, f"reward model {config.reward.model or '(trained in this run)'}"
     source = build_reward_source(config.reward, None)
     return source, f"reward {getattr(source, 'name', None) or config.reward.url}"
+
+
+def check_eval_metric(config: RelayConfig, columns: dict) -> None:
+    """run.early_stop.metric must be one that this run's evaluations give."""
+    metric, key = config.run.early_stop.metric, config.eval.answer_key
+    if metric in ("eval/bleu", "eval/chrf") and key not in columns:
+        raise ValueError(f"run.early_stop.metric {metric} needs reference answers, and the held-out prompts have no "
+                         f"column {key!r} (eval.answer_key); their columns besides the prompt: "
+                         f"{', '.join(sorted(columns)) or 'none'}")
 
 
 def log_line(line: str) -> None:

@@ -5,6 +5,9 @@
     relay train --config FILE [overrides]         PPO here (joins RAY_ADDRESS's cluster, else a local Ray)
     relay sft --config FILE [overrides]           the supervised warm start alone
     relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
+    relay eval --config FILE MODEL [MODEL ...] [--against MODEL] [--output FILE] [overrides]
+                                                  held-out score, reward, win rate and KL against the reference,
+                                                  perplexity, BLEU/chrF: models side by side
     relay export-task TASK OUT_DIR                a task's prompts and demonstrations as parquet/jsonl files
     relay bench --config FILE [--iterations K] [--vs trl] [--output DIR] [overrides]
                                                   seconds per PPO iteration, phase by phase, against relay's raw
@@ -50,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vs", choices=["trl"], help="also run this trainer on the same work")
     bench.add_argument("--output", default="runs/bench", help="where bench.json and bench.png go")
     bench.add_argument("overrides", nargs="*", help="dotted.key=value")
+    evaluate = commands.add_parser("eval", help="evaluate policies side by side on held-out prompts (jobs/evaluate.py)")
+    evaluate.add_argument("--config", required=True)
+    evaluate.add_argument("models", nargs="+", help="run directories, checkpoints, model directories or Hub names")
+    evaluate.add_argument("--against", help="the reference policy (default: the run's own)")
+    evaluate.add_argument("--output", default="runs/eval/eval.json")
+    evaluate.set_defaults(overrides=[])  # they come among the models, or after the options
     export = commands.add_parser("export-task", help="write a task's prompts and demonstrations as a dataset")
     export.add_argument("task", help="built-in task name or module:attribute")
     export.add_argument("out_dir")
@@ -98,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_main(["--config", args.config, "--iterations", str(args.iterations), "--output", args.output,
                     *(["--vs", args.vs] if args.vs else []), *args.overrides])
+        return
+    if args.command == "eval":
+        from jobs.evaluate import main as evaluate_main
+
+        evaluate_main(["--config", args.config, *args.models, *(["--against", args.against] if args.against else []),
+                       "--output", args.output, *args.overrides])
         return
     if args.command == "sft":
         from jobs.sft import main as sft_main

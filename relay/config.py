@@ -202,6 +202,10 @@ class AlgorithmSection(Section):
         False, description="grpo, rloo: drop prompts whose samples all scored alike, sample more to fill the batch"
     )
     max_sampling_rounds: int = Field(4, ge=1, description="dynamic sampling: generation rounds per iteration at most")
+    kl_budget: float | None = Field(
+        None, gt=0, description="the most KL to the reference (policy/kl_ref, per sequence) the run may reach: past "
+        "it the run stops, checkpointing the iteration that crossed it (policy_best keeps the best before it)"
+    )
     reuse_scoring_forward: bool = Field(
         False, description="the policy's and critic's scoring pass keeps its graph and serves as the first epoch's "
         "forward (one mini-batch only; the scored batch's activations stay in memory until then)"
@@ -298,11 +302,50 @@ class RaySection(Section):
     namespace: str = "relay"
 
 
+EvalMetric = Literal["eval/score", "eval/reward", "eval/win_rate", "eval/kl_ref", "eval/perplexity", "eval/bleu",
+                     "eval/chrf"]
+LOWER_IS_BETTER: frozenset[str] = frozenset({"eval/kl_ref", "eval/perplexity"})
+
+
+class EvalSection(Section):
+    """What an evaluation measures besides the held-out score (in training every run.eval_every iterations, and in
+    `relay eval`): the reward source's score, the win rate against the policy PPO started from, the KL to the
+    reference, the perplexity of a text set, and BLEU/chrF where the held-out prompts carry reference answers."""
+
+    text_data: str | None = Field(
+        None, description="texts for the perplexity: prompt/response or chat `messages` rows (jsonl, parquet, a "
+        "dataset); None: warm_start.data, else the task's demonstrations of the held-out prompts"
+    )
+    text_rows: int = Field(256, ge=1, description="the first this many rows of the text set")
+    answer_key: str = Field(
+        "answer", description="the held-out prompts' column with a reference answer (BLEU and chrF when present)"
+    )
+
+
+class EarlyStopSection(Section):
+    """The evaluation metric that picks the best checkpoint (`<output_dir>/policy_best`) and, with `patience`, ends
+    the run when it stops improving."""
+
+    metric: EvalMetric = "eval/score"
+    mode: Literal["max", "min"] | None = Field(
+        None, description="None: min for eval/kl_ref and eval/perplexity, max for the others"
+    )
+    patience: int | None = Field(
+        None, ge=1, description="evaluations in a row without improvement that end the run; None: never stop early"
+    )
+    min_delta: float = Field(0.0, ge=0, description="the least change that counts as an improvement")
+
+    @property
+    def direction(self) -> Literal["max", "min"]:
+        return self.mode or ("min" if self.metric in LOWER_IS_BETTER else "max")
+
+
 class RunSection(Section):
     name: str = "relay"
     output_dir: str = Field("runs/relay", description="run directory: metrics, checkpoints, final model")
     iterations: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0, description="evaluate every N iterations (0: only at start and end)")
+    early_stop: EarlyStopSection = Field(default_factory=EarlyStopSection)
     checkpoint_every: int = Field(
         10, ge=0, description="checkpoint every N iterations (0: only at the end); restarts resume from the newest"
     )
@@ -360,6 +403,7 @@ class RelayConfig(Section):
     reference: InferenceSection = Field(default_factory=InferenceSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
@@ -405,6 +449,10 @@ class RelayConfig(Section):
             if self.reward_model_training is not None and self.reward_model_training.data is None:
                 raise ValueError("data.prompts is set, so there is no simulated annotator: set "
                                  "reward_model_training.data")
+        if self.run.early_stop.metric == "eval/perplexity" and not (
+                self.eval.text_data or self.warm_start is not None or self.data.prompts is None):
+            raise ValueError("run.early_stop.metric eval/perplexity needs a text set: set eval.text_data (or "
+                             "warm_start.data, or prompts from a task, whose demonstrations serve)")
         if self.device == "cpu" and self.rollout.tensor_parallel_size > 1:
             raise ValueError("rollout.tensor_parallel_size > 1 needs device: cuda")
         samples = self.data.prompts_per_iteration * self.rollout.samples_per_prompt

@@ -1,19 +1,29 @@
-"""What an evaluation measures, and what the trainer decides from it: pure functions on tensors and lists.
+"""Evaluation: what it measures (pure functions on tensors and lists), what the trainer decides from it (early
+stopping, the KL budget), and the evaluation itself — the held-out prompts sampled with a fixed seed, then scored
+every way the run can score them.
 
-Used in training every `run.eval_every` iterations and by `relay eval`; the orchestration (which actor scores what)
-is in jobs/evaluate.py.
+`Evaluation.run` is the same in training (every `run.eval_every` iterations; the policy learner and the reference
+actors score) and in `relay eval` (frozen checkpoints score): who scores what is handed in as `EvalScorers`.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import sacrebleu
+import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from relay import ppo
+from relay.batch import RolloutBatch, pad_left, pad_right
+from relay.config import RelayConfig
+from relay.data import load_sft_examples, tokenize_prompt
+from relay.prompts import Prompt
+from relay.tasks import Example, task_of
 
 
 def perplexity(logprobs: Tensor, mask: Tensor) -> float:
@@ -93,3 +103,100 @@ class EarlyStopping:
 def over_kl_budget(kl: float, budget: float | None) -> bool:
     """The policy drifted past the KL budget (a non-finite KL is past any budget)."""
     return budget is not None and not kl <= budget
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The evaluation of a policy
+
+EVAL_SEED = 1_234_567  # the same sampling seed for every evaluation, so scores differ by the policy alone
+
+
+@dataclass
+class EvalScorers:
+    """What an evaluation calls. Log-prob scorers take the temperature to score at (1 for a perplexity)."""
+
+    generate: Callable[[list[Prompt], int, int], RolloutBatch]  # (prompts, samples per prompt, seed)
+    scores: Callable[[RolloutBatch], torch.Tensor] | None = None  # eval/score: the task's score, or a reward function
+    rewards: Callable[[RolloutBatch], torch.Tensor] | None = None  # the run's reward source, raw
+    policy_logprobs: Callable[[RolloutBatch, float], torch.Tensor] | None = None
+    reference_logprobs: Callable[[RolloutBatch, float], torch.Tensor] | None = None
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # eval/<name>
+    rewards: list[float] | None  # each sample's reward-source score: the baseline of later win rates
+    batch: RolloutBatch  # the samples, for a report
+
+
+class Evaluation:
+    def __init__(self, config: RelayConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> None:
+        self.config = config
+        self.prompts = prompts
+        self.texts = text_batch(config, tokenizer, prompts)
+
+    def run(self, scorers: EvalScorers, baseline_rewards: list[float] | None = None) -> EvalResult:
+        """eval/score (the task's score, else the reward source's), eval/reward, eval/win_rate against
+        `baseline_rewards`, eval/kl_ref, eval/perplexity, eval/bleu and eval/chrf: each that the scorers and the
+        data allow."""
+        config = self.config
+        batch = scorers.generate(self.prompts, config.data.eval_samples_per_prompt, EVAL_SEED)
+        metrics: dict[str, float] = {}
+        rewards = None
+        if scorers.rewards is not None:
+            rewards = scorers.rewards(batch).tolist()
+            metrics["eval/reward"] = sum(rewards) / len(rewards)
+            if baseline_rewards is not None:
+                metrics["eval/win_rate"] = win_rate(rewards, baseline_rewards)
+        if scorers.scores is not None:
+            metrics["eval/score"] = scorers.scores(batch).mean().item()
+        elif rewards is not None:
+            metrics["eval/score"] = metrics["eval/reward"]
+        if scorers.policy_logprobs is not None and scorers.reference_logprobs is not None:
+            temperature = config.rollout.temperature  # as sampled: the KL that training's penalty measures
+            metrics["eval/kl_ref"] = sequence_kl(scorers.policy_logprobs(batch, temperature),
+                                                           scorers.reference_logprobs(batch, temperature),
+                                                           batch.response_mask)
+        if scorers.policy_logprobs is not None and self.texts is not None:
+            metrics["eval/perplexity"] = perplexity(scorers.policy_logprobs(self.texts, 1.0),
+                                                               self.texts.response_mask)
+        answers = [row.get(config.eval.answer_key) for row in batch.metadata]
+        if all(isinstance(answer, str) for answer in answers):
+            metrics["eval/bleu"] = bleu(batch.responses, answers)
+            metrics["eval/chrf"] = chrf(batch.responses, answers)
+        return EvalResult(metrics=metrics, rewards=rewards, batch=batch)
+
+
+def text_batch(config: RelayConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> RolloutBatch | None:
+    """The perplexity's text set as a batch (each response's tokens and EOS are scored, given its prompt):
+    eval.text_data, else warm_start.data, else the task's demonstrations of the held-out prompts; None when there
+    is none. Rows longer than rollout.max_model_len keep their first tokens."""
+    section, rows = config.eval, config.eval.text_rows
+    source = section.text_data or (config.warm_start.data if config.warm_start is not None else None)
+    if source is not None:
+        chat_template = config.warm_start.chat_template if config.warm_start is not None else None
+        setting = "eval.text_data" if section.text_data else "warm_start.data"
+        try:
+            pairs = load_sft_examples(source, tokenizer, chat_template)[:rows]
+        except ValueError as error:
+            raise ValueError(f"{setting}: {error}") from None
+    else:
+        task = task_of(config.data)
+        if task is None:
+            return None
+        rng = random.Random(config.data.seed)
+        pairs = [(prompt.text, task.demonstrate(Example(prompt.text, prompt.metadata), rng)) for prompt in prompts[:rows]]
+    limit = config.rollout.max_model_len
+    queries, responses = [], []
+    for prompt, response in pairs:
+        query = tokenize_prompt(tokenizer, prompt)[: limit - 1]
+        queries.append(query)
+        responses.append((tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+                         [: limit - len(query)])
+    query_ids, query_mask = pad_left(queries, tokenizer.pad_token_id)
+    response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id, torch.long)
+    return RolloutBatch(
+        query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
+        sampler_logprobs=torch.zeros(response_ids.shape), prompts=[prompt for prompt, _ in pairs],
+        responses=[response for _, response in pairs], metadata=[{} for _ in pairs], policy_version=0,
+    )

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from jobs.evaluate import main as evaluate_main
 from jobs.ppo import PPOTrainer, latest_checkpoint
 from relay.metrics import read_metrics
 from tests.conftest import tiny_run_config
@@ -235,3 +236,53 @@ def test_grpo_with_a_lora_policy_dynamic_sampling_and_a_kl_loss_then_resume(ray_
     resumed = run(tiny_run_config(tmp_path, *overrides, "run.iterations=3"))
     assert resumed["samples"] == 3 * 4 * 4
     assert [row["iteration"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_the_kl_budget_stops_the_run(ray_session, tmp_path):
+    # No score in [0, 1] improves by more than 1: the first evaluation is the best, the second ends the run.
+    early = tmp_path / "early"
+    overrides = ["run.iterations=5", "run.eval_every=1", "run.early_stop.patience=1", "run.early_stop.min_delta=1.0",
+                 "run.keep_checkpoints=1"]
+    summary = run(tiny_run_config(early, *overrides))
+    rows = read_metrics(early / "metrics.jsonl")
+    assert [row["iteration"] for row in rows] == [1, 2]
+    for name in ("eval/score", "eval/reward", "eval/win_rate", "eval/kl_ref", "eval/perplexity", "eval/bleu",
+                 "eval/chrf", "time/eval"):
+        assert all(math.isfinite(row[name]) for row in rows), name
+    assert 1.0 < rows[0]["eval/perplexity"] < 20  # of the demonstrations, under the 20-odd symbols' uniform guess
+    assert summary["iterations"] == 2 and "run.early_stop" in summary["stopped_early"]
+    assert (summary["best_iteration"], summary["eval_score_best"]) == (1, rows[0]["eval/score"])
+    assert summary["eval_after"] == {name: value for name, value in rows[1].items() if name.startswith("eval/")}
+    # keep_checkpoints=1 keeps the newest, and the best, which policy_best names.
+    assert sorted(path.name for path in (early / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert (early / "policy_best").resolve() == (early / "checkpoints" / "iter_000001" / "policy").resolve()
+    assert summary["policy_best"] == str(early / "policy_best")
+    # A run that stopped early is complete: running it again trains nothing.
+    assert run(tiny_run_config(early, *overrides)) == summary
+    assert len(read_metrics(early / "metrics.jsonl")) == 2
+
+    # relay eval on the run (its final policy) and its first checkpoint, against the run's reference, answers as
+    # the evaluations in training did: the same samples (the same weights and seed), so the same scores and win
+    # rates; log-probs from frozen models instead of the learner, so KL and perplexity within float error.
+    report = evaluate_main(["--config", str(early / "config.yaml"), str(early), str(early / "checkpoints" / "iter_000001"),
+                            "--output", str(tmp_path / "eval" / "eval.json")])
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == report
+    assert report["reference"] == summary["reference_model"]
+    final, first = report["results"][str(early)], report["results"][str(early / "checkpoints" / "iter_000001")]
+    for evaluated, row in ((final, rows[1]), (first, rows[0])):
+        for name in ("eval/score", "eval/reward", "eval/win_rate", "eval/bleu", "eval/chrf"):
+            assert evaluated[name] == row[name], name
+        for name in ("eval/kl_ref", "eval/perplexity"):
+            assert evaluated[name] == pytest.approx(row[name], rel=1e-4, abs=1e-5), name
+    [reference_row] = [row for name, row in report["results"].items() if name.startswith("reference")]
+    assert reference_row["eval/score"] == summary["eval_before"]["eval/score"] and reference_row["eval/kl_ref"] == 0
+
+    # The KL budget: the run ends at the first iteration whose KL to the reference passes it.
+    budget = 1e-4
+    kl_run = tmp_path / "kl"
+    summary = run(tiny_run_config(kl_run, "run.iterations=4", f"algorithm.kl_budget={budget}",
+                                  "algorithm.kl_estimator=k3", "policy.learning_rate=0.01"))
+    kls = [row["policy/kl_ref"] for row in read_metrics(kl_run / "metrics.jsonl")]
+    assert len(kls) < 4 and all(kl <= budget for kl in kls[:-1]) and kls[-1] > budget
+    assert summary["iterations"] == len(kls) and "algorithm.kl_budget" in summary["stopped_early"]
+    assert latest_checkpoint(kl_run).name == f"iter_{len(kls):06d}"

@@ -67,3 +67,55 @@ def test_kl_budget():
     assert not over_kl_budget(5.0, None)
     assert not over_kl_budget(0.5, 0.5) and over_kl_budget(0.51, 0.5)
     assert over_kl_budget(float("nan"), 0.5)
+
+
+def test_an_evaluation_reports_every_metric_its_scorers_and_data_allow(tmp_path):
+    from relay.batch import RolloutBatch, pad_left, pad_right
+    from relay.evaluation import EvalScorers, Evaluation
+    from relay.models import build_tokenizer
+    from relay.prompts import data_alphabet, load_prompt_data
+    from tests.conftest import tiny_run_config
+
+    config = tiny_run_config(tmp_path, "data.eval_prompts=3", "data.eval_samples_per_prompt=2")
+    tokenizer = build_tokenizer(data_alphabet(config))
+    prompts = load_prompt_data(config, tokenizer).eval
+    evaluation = Evaluation(config, tokenizer, prompts)
+    # The perplexity's texts: the task's demonstrations of the held-out prompts (a reversal or a copy), with EOS.
+    assert evaluation.texts is not None and evaluation.texts.prompts == [prompt.text for prompt in prompts]
+    assert evaluation.texts.response_mask.sum(dim=1).tolist() == [len(p.text) for p in prompts]  # digits + EOS
+
+    def generate(chosen, samples, seed):  # every sample answers right (the reversal)
+        rows = [prompt for prompt in chosen for _ in range(samples)]
+        answers = [prompt.metadata["answer"] for prompt in rows]
+        query_ids, query_mask = pad_left([prompt.ids for prompt in rows], tokenizer.pad_token_id)
+        response_ids, response_mask = pad_right([tokenizer(a, add_special_tokens=False).input_ids for a in answers],
+                                                tokenizer.pad_token_id, torch.long)
+        return RolloutBatch(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
+                            response_mask=response_mask, sampler_logprobs=torch.zeros(response_ids.shape),
+                            prompts=[p.text for p in rows], responses=answers, metadata=[p.metadata for p in rows],
+                            policy_version=0)
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.9])
+    scorers = EvalScorers(
+        generate=generate,
+        scores=lambda batch: torch.full((len(batch),), 0.75),
+        rewards=lambda batch: rewards,
+        policy_logprobs=lambda batch, temperature: torch.full(batch.response_ids.shape, math.log(1 / 4)),
+        reference_logprobs=lambda batch, temperature: torch.full(batch.response_ids.shape, math.log(1 / 4) - 0.5),
+    )
+    result = evaluation.run(scorers, baseline_rewards=[0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    batch = result.batch
+    assert result.rewards == rewards.tolist()
+    assert result.metrics == pytest.approx({
+        "eval/score": 0.75,
+        "eval/reward": rewards.mean().item(),
+        "eval/win_rate": (1 + 0 + 0.5 + 0.5 + 0 + 1) / 6,
+        "eval/kl_ref": 0.5 * batch.response_mask.sum(dim=1).mean().item(),  # 0.5 per token, summed per answer
+        "eval/perplexity": 4.0,
+        "eval/bleu": 0.0,  # one-word answers hold no 4-gram: BLEU says nothing about them, chrF does
+        "eval/chrf": 100.0,
+    })
+
+    # Without the roles (the base model, before any is placed): only what the driver scores itself.
+    assert evaluation.run(EvalScorers(generate=generate, scores=scorers.scores)).metrics.keys() == {
+        "eval/score", "eval/bleu", "eval/chrf"}

@@ -120,8 +120,11 @@ class RolloutWorker(Usage):
         layer a bucket touches: a bucket holds whole decoder blocks), and record their version."""
         with self.busy("load_weights"):
             for ref in buckets:
-                bucket = ray.get(ref)
-                self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket.items())})
+                # Copies: ray.get maps the object store's tensors zero-copy (one buffer for every engine on the
+                # node), and what vLLM's reload keeps of a tensor it is given is its business. Without the copy, a
+                # bucket loaded again after another load gave wrong weights (tests/test_actors.py, zero3 sync).
+                bucket = [(name, tensor.clone()) for name, tensor in ray.get(ref).items()]
+                self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
                 del bucket  # one bucket in memory at a time
             self.engine.reset_prefix_cache()
         self.policy_version = policy_version

@@ -130,7 +130,7 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
 
     old = torch.cat(ray.get(policy.call("score", ray.put(batch))))
     mask = batch.response_mask
-    advantages = ppo.masked_whiten(torch.randn(mask.shape), mask)
+    advantages = ppo.masked_whiten(torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)), mask)
     train_ref = ray.put(replace(batch, old_logprobs=old, advantages=advantages))
     stats = policy.run("train", train_ref, 1)
     assert all(torch.isfinite(torch.tensor(list(rank.values()))).all() for rank in stats)

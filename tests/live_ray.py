@@ -3,13 +3,17 @@ by signalling that group, so it never touches another Ray instance on the machin
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -87,3 +91,50 @@ def running_job_status(job_id: str, address: str) -> dict[str, Any] | None:
         raise AssertionError(f"job {job_id} ended ({report['status']}):\n"
                              f"{cluster.job_client(address).get_job_logs(job_id)[-3000:]}")
     return report["run"] if isinstance(report.get("run"), dict) else None
+
+
+@contextmanager
+def prometheus_server(scrape_port: int, directory: Path) -> Iterator[str]:
+    """A real Prometheus (Debian's `prometheus`, installed by .ci/run) scraping 127.0.0.1:`scrape_port` every
+    second, with its data in `directory`; yields its address."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed (apt-get install prometheus; .ci/run installs it)")
+    port = free_port()
+    config = directory / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]}}]\n"
+    )
+    log = (directory / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if server.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {server.returncode}: {(directory / 'prometheus.log').read_text()[-2000:]}")
+        try:
+            return urllib.request.urlopen(f"{address}/-/ready", timeout=5).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, 60, "prometheus to be ready")
+        yield address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def prometheus_query(address: str, expr: str) -> list[dict[str, Any]]:
+    """The series an instant PromQL query returns."""
+    url = f"{address}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+    answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    if answer["status"] != "success":
+        raise AssertionError(f"prometheus refused {expr!r}: {answer}")
+    return answer["data"]["result"]

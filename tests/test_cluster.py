@@ -1,6 +1,7 @@
 """Against a live local Ray cluster (`ray start --head`, started and stopped here): submit a job through the Jobs
 API with token authentication, read its log, scale its rollout fleet 1 → 2 → 1 while it runs, find relay's
-metrics on Ray's metrics export port, and end the run cleanly with `relay stop --finish`."""
+metrics on Ray's metrics export port and, through a real Prometheus scraping it, data for every panel of relay's
+Grafana dashboard, and end the run cleanly with `relay stop --finish`."""
 
 from __future__ import annotations
 
@@ -16,16 +17,23 @@ from relay.cli import main as relay_main
 from relay.config import ConfigError
 from relay.metrics import read_metrics
 from tests.conftest import DEMO_CONFIG
-from tests.live_ray import ray_head, running_job_status, wait_for
+from tests.live_ray import prometheus_query, prometheus_server, ray_head, running_job_status, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def live_cluster():
+def live_cluster(tmp_path_factory):
     with ray_head(["--num-cpus=4"]) as (address, ports):
-        yield address, ports
+        with prometheus_server(ports["metrics"], tmp_path_factory.mktemp("prometheus")) as prometheus:
+            yield address, ports | {"prometheus": prometheus}
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    """Every query of relay's Grafana dashboard (cluster/grafana/relay-dashboard.json), by panel title."""
+    board = json.loads((ROOT / "cluster" / "grafana" / "relay-dashboard.json").read_text())
+    return {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in board["panels"]}
 
 
 def test_submit_rejects_a_bad_config_before_contacting_the_cluster():
@@ -45,7 +53,7 @@ def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
     # More iterations than the test ever waits for: it ends the run itself with `relay stop --finish`.
     prompts, samples, iterations = 8, 2, 1_000_000
     overrides = [
-        f"run.output_dir={tmp_path}", "run.name=scaled", f"run.iterations={iterations}", "run.eval_every=0",
+        f"run.output_dir={tmp_path}", "run.name=scaled", f"run.iterations={iterations}", "run.eval_every=2",
         "run.checkpoint_every=0", "warm_start=null", "data.train_prompts=256", f"data.prompts_per_iteration={prompts}",
         "data.eval_prompts=8", "data.eval_samples_per_prompt=1", f"rollout.samples_per_prompt={samples}",
         "rollout.max_new_tokens=8", "policy.micro_batch_size=4", "critic.micro_batch_size=4", "algorithm.mini_batches=1",
@@ -72,6 +80,17 @@ def test_submit_logs_scale_and_metrics(live_cluster, tmp_path, capsys):
     assert 'run="scaled"' in text and 'role="reward"' in text
     # vLLM's own engine metrics, through the RayPrometheusStatLogger each rollout worker's engine was built with.
     assert "ray_vllm" in text
+
+    # A real Prometheus scraping that port answers every query of every panel of relay's dashboard for this run.
+    queries = {(title, expr.replace("$run", "scaled")) for title, exprs in dashboard_queries().items() for expr in exprs}
+
+    def unanswered():
+        return {query for query in queries if not prometheus_query(ports["prometheus"], query[1])}
+
+    try:
+        wait_for(lambda: not unanswered(), 60, "data for every dashboard query", 2)
+    except AssertionError:
+        raise AssertionError(f"Prometheus has no data for these panels' queries: {sorted(unanswered())}") from None
 
     relay_main(["scale", job_id, "--rollout-workers", "1", "--address", address])
     shrunk = wait_for(lambda: (s := run_status()) and len(s["rollout_workers_active"]) == 1 and s, 120,

@@ -5,6 +5,7 @@ whose placement groups must fit the GPU node types. No cluster is started; this 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shlex
 import tomllib
@@ -19,6 +20,7 @@ from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from relay.config import RelayConfig, load_config
+from relay.metrics import ray_metric_name
 from relay.placement import run_placement_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,3 +339,31 @@ def test_kuberay_token_auth_is_on(raycluster, rayjob):
         for container in ray_containers(spec):
             for env in container.get("env", []):
                 assert not (env["name"] == "RAY_AUTH_MODE" and env.get("value") != "token"), env
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cluster/grafana: relay's Grafana dashboard
+
+
+def test_grafana_dashboard_is_what_grafanas_schema_library_builds():
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models.dashboard import Dashboard
+
+    spec = importlib.util.spec_from_file_location("relay_dashboard", ROOT / "cluster" / "grafana" / "relay_dashboard.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    committed = json.loads((ROOT / "cluster" / "grafana" / "relay-dashboard.json").read_text())
+    assert committed == builder.build()  # regenerate with: python cluster/grafana/relay_dashboard.py
+    # It parses as Grafana's dashboard model and encodes back to itself (nothing the schema does not know).
+    assert json.loads(JSONEncoder(sort_keys=True).encode(Dashboard.from_json(committed))) == committed
+
+
+def test_grafana_dashboard_covers_the_runs_metrics():
+    board = json.loads((ROOT / "cluster" / "grafana" / "relay-dashboard.json").read_text())
+    queries = " ".join(target["expr"] for panel in board["panels"] for target in panel["targets"])
+    for metric in ("reward/mean", "eval/score", "eval/win_rate", "policy/kl_ref", "eval/kl_ref", "policy/entropy",
+                   "losses/clipfrac", "critic/value_error", "perf/tokens_per_s", "policy/version",
+                   "rollout/workers_active", "rollout/workers_pending", "rollout/worker_failures"):
+        assert ray_metric_name(metric) in queries, metric
+    assert all('run=~"$run"' in target["expr"] for panel in board["panels"] for target in panel["targets"])
+    assert [variable["name"] for variable in board["templating"]["list"]] == ["datasource", "run"]

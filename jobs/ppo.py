@@ -151,7 +151,8 @@ class PPOTrainer:
             self.state.eval_score_before = before.metrics.get("eval/score")
             self.state.eval_points = [] if self.state.eval_score_before is None else [(0, self.state.eval_score_before)]
         self.metrics = MetricsLogger(self.run_dir, run_name=self.config.run.name, resumed_at=self.state.iteration,
-                                     algorithm=self.config.algorithm.advantage)
+                                     algorithm=self.config.algorithm.advantage, tracking=self.config.tracking,
+                                     params=self.config.model_dump(mode="json"))
         self.control = ray.remote(RunControl).options(
             name=control_actor_name(current_run_id(self.config.run.name)), namespace=CONTROL_NAMESPACE,
             num_cpus=0, get_if_exists=True,

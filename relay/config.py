@@ -369,6 +369,22 @@ class RunSection(Section):
     seed: int = 0
 
 
+class TrackingSection(Section):
+    """Where the metrics go besides metrics.jsonl, TensorBoard and Ray's dashboard: MLflow and Weights & Biases,
+    each one run per relay run (a resumed run continues it)."""
+
+    mlflow: bool = Field(False, description="log to MLflow (pip install mlflow-skinny, or relay's `tracking` extra)")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="an MLflow server or store; None: a local store in <run.output_dir>/mlruns"
+    )
+    mlflow_experiment: str = "relay"
+    wandb: bool = Field(False, description="log to Weights & Biases (pip install wandb, or the `tracking` extra)")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: written under <run.output_dir>/wandb, for `wandb sync` later"
+    )
+    wandb_project: str = "relay"
+
+
 class RewardModelSection(Section):
     """A Bradley–Terry reward model trained on preference pairs (Ray Train TorchTrainer + DeepSpeed)."""
 
@@ -404,6 +420,7 @@ class RelayConfig(Section):
     reward: RewardSection = Field(default_factory=RewardSection)
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:

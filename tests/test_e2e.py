@@ -122,7 +122,7 @@ def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_p
     run_dir = tmp_path / "run"
     overrides = [f"data.prompts={data_dir / 'train-with-source.parquet'}",
                  f"data.eval_data={data_dir / 'eval-with-source.parquet'}",
-                 "reward.function=tests.user_reward:score", "run.checkpoint_every=1"]
+                 "reward.function=tests.user_reward:score", "run.checkpoint_every=1", "tracking.mlflow=true"]
 
     summary = run(tiny_run_config(run_dir, *overrides))
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -138,6 +138,15 @@ def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_p
     assert resumed["samples"] == 3 * 8 * 2
     state = json.loads((latest_checkpoint(run_dir) / "driver_state.json").read_text())
     assert (state["data_epoch"], state["data_cursor"]) == (0, 24)  # the data position went on from the checkpoint
+
+    # The metrics went to MLflow too (a local store in the run directory): one run, each iteration once.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("relay").experiment_id])
+    assert mlflow_run.data.params["reward.function"] == "tests.user_reward:score"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(mlflow_run.info.run_id, "reward/mean")) == [
+        (row["iteration"], row["reward/mean"]) for row in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def test_sigterm_checkpoints_the_last_iteration_and_the_run_resumes_from_it(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,32 @@ def test_an_evaluation_reports_every_metric_its_scorers_and_data_allow(tmp_path)
     # Without the roles (the base model, before any is placed): only what the driver scores itself.
     assert evaluation.run(EvalScorers(generate=generate, scores=scorers.scores)).metrics.keys() == {
         "eval/score", "eval/bleu", "eval/chrf"}
+
+
+def test_relay_eval_command_line_and_its_errors_before_ray(tmp_path, monkeypatch, capsys):
+    import jobs.evaluate
+    from relay.cli import main as relay_main
+    from tests.conftest import DEMO_CONFIG
+
+    calls = []
+    monkeypatch.setattr(jobs.evaluate, "evaluate", lambda *args: calls.append(args) or {})
+    relay_main(["eval", "--config", "c.yaml", "runs/a", "runs/b", "data.eval_prompts=8", "--against", "base",
+                "eval.text_rows=4"])
+    assert calls == [(Path("c.yaml"), ["runs/a", "runs/b"], "base", Path("runs/eval/eval.json"),
+                      ["data.eval_prompts=8", "eval.text_rows=4"])]
+    monkeypatch.undo()
+
+    def error_of(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            jobs.evaluate.main(["--config", str(DEMO_CONFIG), *argv, "--output", str(tmp_path / "eval.json")])
+        return str(exit_info.value.code)
+
+    assert error_of(str(tmp_path / "nowhere")) == (
+        f"error: {tmp_path / 'nowhere'}: neither a run directory, a checkpoint nor a model directory (no "
+        "config.json in it or in its policy/)")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    # A model outside any run, and the config's run directory holds no checkpoint: the reference must be named.
+    assert "name it with --against" in error_of(str(model), f"run.output_dir={tmp_path / 'no-run'}")
+    assert not (tmp_path / "eval.json").exists()

@@ -11,6 +11,7 @@ generation prompt, the response is its content. The loss is on response tokens o
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -168,13 +169,16 @@ def load_sft_examples(
     tokenizer: PreTrainedTokenizerBase | None = None,
     chat_template: str | None = None,
     split: str = "train",
+    limit: int | None = None,
 ) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from prompt/response or chat `messages` rows; see the module docstring.
+    """(prompt, response) pairs from prompt/response or chat `messages` rows (the first `limit` of them); see the
+    module docstring.
 
     Raises ValueError naming the file and line (or row) of the first malformed row. `tokenizer` (and
     `chat_template`, which overrides the tokenizer's own) is needed only for chat rows.
     """
-    examples = [parse_sft_row(row, where, tokenizer, chat_template) for where, row in read_rows(source, split)]
+    examples = [parse_sft_row(row, where, tokenizer, chat_template)
+                for where, row in itertools.islice(read_rows(source, split), limit)]
     if not examples:
         raise ValueError(f"{source}: no examples")
     return examples

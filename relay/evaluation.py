@@ -177,7 +177,7 @@ def text_batch(config: RelayConfig, tokenizer: PreTrainedTokenizerBase, prompts:
         chat_template = config.warm_start.chat_template if config.warm_start is not None else None
         setting = "eval.text_data" if section.text_data else "warm_start.data"
         try:
-            pairs = load_sft_examples(source, tokenizer, chat_template)[:rows]
+            pairs = load_sft_examples(source, tokenizer, chat_template, limit=rows)
         except ValueError as error:
             raise ValueError(f"{setting}: {error}") from None
     else:

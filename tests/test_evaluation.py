@@ -149,3 +149,25 @@ def test_relay_eval_command_line_and_its_errors_before_ray(tmp_path, monkeypatch
     # A model outside any run, and the config's run directory holds no checkpoint: the reference must be named.
     assert "name it with --against" in error_of(str(model), f"run.output_dir={tmp_path / 'no-run'}")
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_the_perplexity_text_set_from_a_users_file_and_its_errors(tmp_path):
+    import json
+
+    from relay.evaluation import Evaluation
+    from relay.models import build_tokenizer
+    from relay.prompts import data_alphabet, load_prompt_data
+    from tests.conftest import tiny_run_config
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"prompt": f"{n}=", "response": str(n)[::-1]}) + "\n" for n in (123, 4567, 89)))
+    config = tiny_run_config(tmp_path, f"eval.text_data={texts}", "eval.text_rows=2")
+    tokenizer = build_tokenizer(data_alphabet(config))
+    evaluation = Evaluation(config, tokenizer, load_prompt_data(config, tokenizer).eval)
+    assert evaluation.texts is not None
+    assert evaluation.texts.prompts == ["123=", "4567="] and evaluation.texts.responses == ["321", "7654"]
+    assert evaluation.texts.response_mask.sum(dim=1).tolist() == [4, 5]  # the answer's digits and EOS
+
+    texts.write_text(json.dumps({"prompt": "1=", "response": "1"}) + "\n" + json.dumps({"prompt": "2="}) + "\n")
+    with pytest.raises(ValueError, match=rf"eval.text_data: {texts}:2: missing key 'response'"):
+        Evaluation(config, tokenizer, [])

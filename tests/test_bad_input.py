@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # 25 subprocesses of ~6 s of imports each: ~1.5 min on 2 cores
+pytestmark = pytest.mark.slow  # 27 subprocesses of ~6 s of imports each: ~1.5 min on 2 cores
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = Path(sys.executable)
@@ -194,6 +194,12 @@ CASES = [
          r"\S*chat\.jsonl:\d+: chat-format rows, but the tokenizer has no chat template; set data\.chat_template"),
     Case("eval-data-split-with-local-files", dataset_args("{data}/good.jsonl", "data.eval_data=test"),
          r"data\.eval_data 'test' is no file or directory, and data\.prompts \S*good\.jsonl is local files"),
+    # --- evaluation
+    Case("eval-text-data-malformed", ["eval.text_data={data}/no_prompt_key.jsonl"],
+         r"eval\.text_data: \S*no_prompt_key\.jsonl:1: missing key 'response'"),
+    Case("early-stop-on-bleu-without-answers",
+         [*dataset_args("{data}/good.jsonl"), "run.early_stop.metric=eval/bleu", "eval.answer_key=solution"],
+         r"run\.early_stop\.metric eval/bleu needs reference answers.*no column 'solution' \(eval\.answer_key\)"),
     # No network here; HF_HUB_OFFLINE=1 makes `datasets` fail at once instead of retrying the Hub.
     Case("hub-dataset-unreachable", dataset_args("nosuchorg/nosuchdataset"),
          r"nosuchorg/nosuchdataset.*(cannot|can't|could not|not).*(reach|load|found|access|offline)",

@@ -92,6 +92,27 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
+def policy_path(name: str) -> str:
+    """A model directory for a run directory (its final policy), a checkpoint, a model directory or a Hub name."""
+    path = Path(name).expanduser()
+    for candidate in (path / "policy", path):
+        if (candidate / "config.json").is_file():
+            return str(candidate.resolve())
+    if path.exists() or name.startswith(("/", "./", "../", "~")):
+        raise ValueError(f"{name}: neither a run directory, a checkpoint nor a model directory (no config.json in "
+                         f"it or in its policy/)")
+    return resolve_model_path(name)  # a Hub name
+
+
+def run_directory(name: str) -> Path | None:
+    """The run directory a model belongs to: itself (a run directory), or the run of a checkpoint."""
+    path = Path(name).expanduser().resolve()
+    for candidate in (path, *path.parents[:3]):
+        if (candidate / "checkpoints").is_dir() and (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
 def prepare_base_model(config: RelayConfig, run_dir: Path) -> str:
     """The policy's starting weights: config.policy.model, or a tiny model built once into the run directory."""
     if config.tiny_model is None:

@@ -25,7 +25,7 @@ from actors.group import ActorGroup
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet
-from jobs.common import connect_ray, resolve_model_path
+from jobs.common import connect_ray, policy_path, resolve_model_path, run_directory
 from jobs.ppo import PPOTrainer, latest_checkpoint
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig, load_config
@@ -117,27 +117,6 @@ def logprob_group(config: RelayConfig, name: str, model_path: str) -> ActorGroup
                        config=config, model_path=model_path)
     group.wait_ready()
     return group
-
-
-def policy_path(name: str) -> str:
-    """A model directory for a run directory (its final policy), a checkpoint, a model directory or a Hub name."""
-    path = Path(name).expanduser()
-    for candidate in (path / "policy", path):
-        if (candidate / "config.json").is_file():
-            return str(candidate.resolve())
-    if path.exists() or name.startswith(("/", "./", "../", "~")):
-        raise ValueError(f"{name}: neither a run directory, a checkpoint nor a model directory (no config.json in "
-                         f"it or in its policy/)")
-    return resolve_model_path(name)  # a Hub name
-
-
-def run_directory(name: str) -> Path | None:
-    """The run directory a model belongs to: itself (a run directory), or the run of a checkpoint."""
-    path = Path(name).expanduser().resolve()
-    for candidate in (path, *path.parents[:3]):
-        if (candidate / "checkpoints").is_dir() and (candidate / "config.yaml").is_file():
-            return candidate
-    return None
 
 
 def run_reference(run_dir: Path) -> str:

@@ -414,7 +414,7 @@ class PPOTrainer:
         )
 
     def eval_rewards(self, batch: RolloutBatch) -> torch.Tensor:
-        return torch.cat(self.wait(self.reward.call("score", ray.put(batch)), "reward (score)"))
+        return self.score_rewards(batch, ray.put(batch), self.state.iteration, evaluation=True)
 
     def eval_policy_logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
         return torch.cat(self.wait(self.policy.call("score", ray.put(batch), temperature), "policy-learner (score)"))
@@ -573,9 +573,11 @@ class PPOTrainer:
         return [("policy-learner", self.policy, "score"), reference,
                 *(("critic-learner", critic, "score") for critic in self.learners[1:])]
 
-    def score_rewards(self, batch: RolloutBatch, batch_ref: ray.ObjectRef, iteration: int) -> torch.Tensor:
+    def score_rewards(self, batch: RolloutBatch, batch_ref: ray.ObjectRef, iteration: int,
+                      evaluation: bool = False) -> torch.Tensor:
         """The reward actors' scores [B]. A reward that raises or is not finite stops the run: nothing trains on
-        it, and the samples it was asked to score are written to the run directory for a person to look at."""
+        it, and the samples it was asked to score are written to the run directory for a person to look at (an
+        evaluation's too: the one at the start finds a broken reward before anything trains)."""
         try:
             rewards = torch.cat(self.wait(self.reward.call("score", batch_ref), "reward (score)"))
             if torch.isfinite(rewards).all():
@@ -584,10 +586,12 @@ class PPOTrainer:
         except RayTaskError as error:
             problem = str(error.cause if error.cause is not None else error).strip().splitlines()[-1]
         path = self.run_dir / f"reward_failure_iter_{iteration:06d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, "".join(json.dumps({"prompt": prompt, "response": response, "metadata": metadata},
                                               default=str) + "\n"
                                    for prompt, response, metadata in zip(batch.prompts, batch.responses, batch.metadata)))
-        raise RewardFailure(f"iteration {iteration}: {problem}; the batch's {len(batch)} samples are in {path}")
+        where = f"the evaluation at iteration {iteration}" if evaluation else f"iteration {iteration}"
+        raise RewardFailure(f"{where}: {problem}; the batch's {len(batch)} samples are in {path}")
 
     def role_usage(self) -> dict[str, float]:
         """Each role's busy seconds per pass since the last call, `time/<role>_<pass>`, and its peak memory,

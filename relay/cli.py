@@ -8,6 +8,8 @@
     relay eval --config FILE MODEL [MODEL ...] [--against MODEL] [--output FILE] [overrides]
                                                   held-out score, reward, win rate and KL against the reference,
                                                   perplexity, BLEU/chrF: models side by side
+    relay serve MODEL_OR_RUN_DIR [--checkpoint iter_N] [--port P] [--api-key KEY]
+                                                  the policy behind an OpenAI-compatible API (Ray Serve + vLLM)
     relay export-task TASK OUT_DIR                a task's prompts and demonstrations as parquet/jsonl files
     relay bench --config FILE [--iterations K] [--vs trl] [--output DIR] [overrides]
                                                   seconds per PPO iteration, phase by phase, against relay's raw
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--against", help="the reference policy (default: the run's own)")
     evaluate.add_argument("--output", default="runs/eval/eval.json")
     evaluate.set_defaults(overrides=[])  # they come among the models, or after the options
+    serve = commands.add_parser("serve", help="serve a policy behind an OpenAI-compatible API (jobs/serve.py)")
+    serve.add_argument("model", help="a run directory, a checkpoint, a model directory or a Hub name")
+    serve.add_argument("--checkpoint", help="with a run directory: this checkpoint (iter_N) instead of the final")
+    serve.add_argument("--config", help="the engine's settings, for a model outside a run")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-id")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $RELAY_API_KEY)")
     export = commands.add_parser("export-task", help="write a task's prompts and demonstrations as a dataset")
     export.add_argument("task", help="built-in task name or module:attribute")
     export.add_argument("out_dir")
@@ -113,6 +123,14 @@ def main(argv: list[str] | None = None) -> None:
 
         evaluate_main(["--config", args.config, *args.models, *(["--against", args.against] if args.against else []),
                        "--output", args.output, *args.overrides])
+        return
+    if args.command == "serve":
+        from jobs.serve import main as serve_main
+
+        options = [("--checkpoint", args.checkpoint), ("--config", args.config), ("--model-id", args.model_id),
+                   ("--api-key", args.api_key)]
+        serve_main([args.model, "--host", args.host, "--port", str(args.port),
+                    *(item for flag, value in options if value for item in (flag, value))])
         return
     if args.command == "sft":
         from jobs.sft import main as sft_main

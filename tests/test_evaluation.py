@@ -171,3 +171,36 @@ def test_the_perplexity_text_set_from_a_users_file_and_its_errors(tmp_path):
     texts.write_text(json.dumps({"prompt": "1=", "response": "1"}) + "\n" + json.dumps({"prompt": "2="}) + "\n")
     with pytest.raises(ValueError, match=rf"eval.text_data: {texts}:2: missing key 'response'"):
         Evaluation(config, tokenizer, [])
+
+
+def test_serving_a_runs_checkpoint_resolves_it_and_pins_it_while_served(tmp_path):
+    from jobs.serve import resolve
+    from relay.config import dump_config
+    from tests.conftest import tiny_run_config
+
+    run_dir = tmp_path / "run"
+    for name in ("iter_000001", "iter_000002"):
+        (run_dir / "checkpoints" / name / "policy").mkdir(parents=True)
+        (run_dir / "checkpoints" / name / "policy" / "config.json").write_text("{}")
+    (run_dir / "policy").symlink_to("checkpoints/iter_000002/policy")
+    (run_dir / "config.yaml").write_text(dump_config(tiny_run_config(run_dir)))
+
+    final = resolve(str(run_dir), None, None, None)
+    assert final.path == str((run_dir / "checkpoints" / "iter_000002" / "policy").resolve())
+    assert final.model_id == "run"  # the run's name
+    served = resolve(str(run_dir), "iter_000001", None, "mine")
+    assert (served.path, served.model_id) == (str((run_dir / "checkpoints" / "iter_000001" / "policy").resolve()), "mine")
+    with served.pinned():
+        [pin] = (run_dir / "pins").iterdir()
+        assert pin.read_text().strip() == "iter_000001"  # run.keep_checkpoints spares it (tests/test_resumable.py)
+    assert not list((run_dir / "pins").iterdir())
+
+    with pytest.raises(ValueError, match=r"has no checkpoint iter_000009 \(it has: iter_000001, iter_000002\)"):
+        resolve(str(run_dir), "iter_000009", None, None)
+    with pytest.raises(ValueError, match="--checkpoint needs a run directory"):
+        resolve(str(run_dir / "checkpoints" / "iter_000001" / "policy" / "config.json"), "iter_000001", None, None)
+    outside = tmp_path / "model"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not in a run directory: name the engine's settings with --config"):
+        resolve(str(outside), None, None, None)

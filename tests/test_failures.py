@@ -93,12 +93,15 @@ def test_a_reward_that_is_not_finite_stops_the_run_and_keeps_the_samples(ray_ses
     config = tiny_run_config(tmp_path, "reward.function=tests.user_reward:not_a_number")
     trainer = PPOTrainer(config)
     try:
-        with pytest.raises(RewardFailure, match=r"iteration 1: .*not_a_number returned nan for response 0") as raised:
+        # The evaluation before training already asks the reward: the run stops before anything trains.
+        with pytest.raises(RewardFailure, match=r"the evaluation at iteration 0: .*not_a_number returned nan for "
+                                                r"response 0") as raised:
             trainer.fit()
     finally:
         trainer.shutdown()
-    [written] = tmp_path.glob("reward_failure_iter_000001.jsonl")
+    [written] = tmp_path.glob("reward_failure_iter_000000.jsonl")
     assert str(written) in str(raised.value)
     rows = [json.loads(line) for line in written.read_text().splitlines()]
-    assert len(rows) == config.samples_per_iteration and {"prompt", "response", "metadata"} <= rows[0].keys()
+    assert len(rows) == config.data.eval_prompts * config.data.eval_samples_per_prompt
+    assert {"prompt", "response", "metadata"} <= rows[0].keys()
     assert not (tmp_path / "metrics.jsonl").exists() or read_metrics(tmp_path / "metrics.jsonl") == []

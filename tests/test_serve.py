@@ -1,0 +1,97 @@
+"""Tier 2: `relay serve` on Ray Serve LLM with vLLM, on a tiny model whose tokenizer has a chat template: both
+OpenAI endpoints answer as greedy decoding of the same weights does, streaming too; a malformed request gets a 4xx
+with a clear message; without the API key nothing is answered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from openai import OpenAI
+from transformers import AutoModelForCausalLM
+
+from jobs.serve import resolve, start
+from relay.config import dump_config
+from relay.models import load_tokenizer
+from tests.conftest import tiny_run_config
+from tests.live_ray import free_port
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "test-key"
+PROMPTS = ["31415=", "2718=", "16180=", "4669="]
+# Renders a chat as BOS and its messages' text, so that a chat turn and the same completion prompt are the same
+# tokens (a chat template writes the special tokens itself; the completion prompt gets the tokenizer's BOS).
+CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_model, tmp_path_factory):
+    from ray import serve
+
+    model = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(tiny_model, model)
+    tokenizer = load_tokenizer(str(model))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(model)
+    config_path = model.parent / "config.yaml"
+    config_path.write_text(dump_config(tiny_run_config(model.parent / "run")))
+    served = resolve(str(model), None, config_path, "tiny")
+    port = free_port()
+    start(served, "127.0.0.1", port, API_KEY)
+    yield f"http://127.0.0.1:{port}", model
+    serve.shutdown()
+
+
+def greedy(model_dir, prompts: list[str]) -> list[str]:
+    """transformers' greedy decoding of each prompt, 8 new tokens at most, as text."""
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return answers
+
+
+def test_completions_chat_and_streaming_answer_as_greedy_decoding(server):
+    address, model = server
+    client = OpenAI(base_url=f"{address}/v1", api_key=API_KEY)
+    assert [entry.id for entry in client.models.list().data] == ["tiny"]
+    expected = greedy(model, PROMPTS)
+    completions = [client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+                   .choices[0].text for prompt in PROMPTS]
+    assert completions == expected
+    chats = [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=8, temperature=0).choices[0].message.content
+             for prompt in PROMPTS]
+    assert chats == expected
+    stream = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected[0]
+
+
+def test_a_malformed_request_gets_a_4xx_and_no_key_gets_a_401(server):
+    address, _ = server
+
+    def post(body: dict, key: str | None = API_KEY) -> tuple[int, str]:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        request = urllib.request.Request(f"{address}/v1/completions", json.dumps(body).encode(), headers)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    status, text = post({"model": "tiny"})  # no prompt
+    assert 400 <= status < 500 and "prompt" in json.loads(text)["error"]["message"]
+    status, text = post({"model": "tiny", "prompt": "1=", "max_tokens": -3})
+    assert 400 <= status < 500 and "max_tokens" in text
+    assert post({"model": "tiny", "prompt": "1="}, key=None)[0] == 401
+    assert post({"model": "tiny", "prompt": "1="}, key="wrong")[0] == 401
+    assert post({"model": "tiny", "prompt": "1=", "max_tokens": 2})[0] == 200

@@ -19,7 +19,7 @@ import os
 import secrets
 import signal
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +54,23 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
     connect_ray(served.config)
+    serving = threading.Event()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+        if not serving.is_set():  # still starting: leave serve.run's wait at once
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(signum, on_signal)
     try:
         with served.pinned():
             start(served, args.host, args.port, args.api_key)
+            serving.set()
             print(f"serving {served.path} as {served.model_id!r} at http://{args.host}:{args.port}/v1 "
                   f"(Ctrl-C to stop)", flush=True)
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-            while True:
-                time.sleep(3600)
+            stop.wait()
     except KeyboardInterrupt:
         pass
     finally:

@@ -389,7 +389,8 @@ class RewardModelSection(Section):
     """A Bradley–Terry reward model trained on preference pairs (Ray Train TorchTrainer + DeepSpeed)."""
 
     data: str | None = Field(
-        None, description="jsonl/parquet path or Hugging Face dataset name; None: simulated pairs from data.task"
+        None, description="jsonl/parquet path, Hugging Face dataset name, or a label store of `relay label` "
+        "(.sqlite); None: simulated pairs from data.task"
     )
     simulated_pairs: int = Field(2048, ge=2, description="pairs the simulated annotator makes when data is None")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="share of pairs held out for accuracy and margin")

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from relay.data import check_messages, check_text, read_rows, tokenize_prompt
 from relay.data import render_chat as render_conversation
+from relay.labels import LabelStore, is_label_store
 from relay.models import last_token_scores
 from relay.tasks import Task
 
@@ -45,13 +46,20 @@ def load_preferences(
     chat_template: str | None = None,
     split: str = "train",
 ) -> list[PreferencePair]:
-    """Pairs from a .jsonl or .parquet file, or a Hugging Face dataset (a saved dataset directory or a Hub name).
+    """Pairs from a .jsonl or .parquet file, a Hugging Face dataset (a saved dataset directory or a Hub name), or a
+    label store of `relay label` (.sqlite: each label that prefers one answer).
 
     Raises ValueError naming the file and line (jsonl, 1-based) or row (parquet, dataset; 0-based) of the first
     malformed row. `tokenizer` (and `chat_template`, which overrides the tokenizer's own) is needed only for
     chat-format rows.
     """
-    pairs = [parse_row(row, where, tokenizer, chat_template) for where, row in read_rows(source, split)]
+    if is_label_store(source):  # people's labels from `relay label`
+        if not Path(source).is_file():
+            raise ValueError(f"{source}: no such label store")
+        rows = [(f"{source} label {index}", row) for index, row in enumerate(LabelStore(source).preference_rows())]
+    else:
+        rows = list(read_rows(source, split))
+    pairs = [parse_row(row, where, tokenizer, chat_template) for where, row in rows]
     if not pairs:
         raise ValueError(f"{source}: no preference pairs")
     return pairs

@@ -10,6 +10,9 @@
                                                   perplexity, BLEU/chrF: models side by side
     relay serve MODEL_OR_RUN_DIR [--checkpoint iter_N] [--port P] [--api-key KEY]
                                                   the policy behind an OpenAI-compatible API (Ray Serve + vLLM)
+    relay label --config FILE MODEL [MODEL_B] [--store PATH] [--port P]
+                                                  a web page to compare two answers; choices to a SQLite store
+                                                  that `relay reward-model` reads
     relay export-task TASK OUT_DIR                a task's prompts and demonstrations as parquet/jsonl files
     relay bench --config FILE [--iterations K] [--vs trl] [--output DIR] [overrides]
                                                   seconds per PPO iteration, phase by phase, against relay's raw
@@ -69,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-id")
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $RELAY_API_KEY)")
+    label = commands.add_parser("label", help="a web page to compare answers; choices to a label store (jobs/label.py)")
+    label.add_argument("--config", required=True)
+    label.add_argument("models", nargs="+", help="one policy (two samples per prompt) or two (one answer each)")
+    label.add_argument("--store", default="runs/labels/labels.sqlite")
+    label.add_argument("--comparisons", type=int, default=64)
+    label.add_argument("--host", default="127.0.0.1")
+    label.add_argument("--port", type=int, default=8001)
     export = commands.add_parser("export-task", help="write a task's prompts and demonstrations as a dataset")
     export.add_argument("task", help="built-in task name or module:attribute")
     export.add_argument("out_dir")
@@ -131,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
                    ("--api-key", args.api_key)]
         serve_main([args.model, "--host", args.host, "--port", str(args.port),
                     *(item for flag, value in options if value for item in (flag, value))])
+        return
+    if args.command == "label":
+        from jobs.label import main as label_main
+
+        label_main(["--config", args.config, *args.models, "--store", args.store, "--comparisons",
+                    str(args.comparisons), "--host", args.host, "--port", str(args.port)])
         return
     if args.command == "sft":
         from jobs.sft import main as sft_main

@@ -108,6 +108,10 @@ class LabelStore:
                 "ON CONFLICT (comparison_id, labeller) DO UPDATE SET choice = excluded.choice, "
                 "created = excluded.created", (comparison_id, labeller, choice, time.time()))
 
+    def labelled_by(self, labeller: str) -> int:
+        with closing(self._connect()) as db:
+            return db.execute("SELECT COUNT(*) FROM labels WHERE labeller = ?", (labeller,)).fetchone()[0]
+
     def counts(self) -> dict[str, int]:
         """Labels by choice, and comparisons in all."""
         with closing(self._connect()) as db:

@@ -92,6 +92,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (a `.partial` directory is one that was cut off while writing)."""
+    complete = sorted(path for path in (run_dir / "checkpoints").glob("iter_*") if not path.name.endswith(".partial"))
+    return complete[-1] if complete else None
+
+
 def policy_path(name: str) -> str:
     """A model directory for a run directory (its final policy), a checkpoint, a model directory or a Hub name."""
     path = Path(name).expanduser()

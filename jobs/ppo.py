@@ -40,6 +40,7 @@ from jobs.common import (
     check_device,
     check_output_dir,
     connect_ray,
+    latest_checkpoint,
     prepare_base_model,
     resolve_model_path,
 )
@@ -80,12 +81,6 @@ class DriverState:
     reward_stats: dict | None = None  # the reward normalizer's running mean/std
     reward_model: str | None = None  # reward.model, or the one trained at the start of the run
     reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a `.partial` directory is one that was cut off while writing)."""
-    complete = sorted(path for path in (run_dir / "checkpoints").glob("iter_*") if not path.name.endswith(".partial"))
-    return complete[-1] if complete else None
 
 
 class PPOTrainer:

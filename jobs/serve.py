@@ -15,27 +15,33 @@ until interrupted. While it serves a run's checkpoint, that checkpoint is pinned
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
 from actors.rollout import ENGINE_ENV
-from jobs.common import connect_ray, policy_path, run_directory
+from jobs.common import connect_ray, latest_checkpoint, policy_path, run_directory
 from relay.config import RelayConfig, load_config
 from relay.storage import write_atomic
 
 API_KEY_ENV = "RELAY_API_KEY"
+FOLLOW_POLL_S = 5.0
+logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,9 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-id", help="the model's name in the API (default: the run's name, or the model's)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"default: ${API_KEY_ENV}")
+    parser.add_argument("--follow", action="store_true",
+                        help="with a run directory: load each newer checkpoint as it appears, between requests")
     args = parser.parse_args(argv)
     try:
-        served = resolve(args.model, args.checkpoint, args.config, args.model_id)
+        served = resolve(args.model, args.checkpoint, args.config, args.model_id, follow=args.follow)
     except ValueError as error:
         sys.exit(f"error: {error}")
     connect_ray(served.config)
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             serving.set()
             print(f"serving {served.path} as {served.model_id!r} at http://{args.host}:{args.port}/v1 "
                   f"(Ctrl-C to stop)", flush=True)
-            stop.wait()
+            while not stop.wait(FOLLOW_POLL_S if served.follow else None):
+                served.pin_checkpoint(latest_checkpoint(served.run_dir))  # what the replicas load next
     except KeyboardInterrupt:
         pass
     finally:
@@ -81,31 +90,37 @@ class Served:
     """What is served: the model directory, its name in the API, the config that sizes its engine, and the run
     whose checkpoint it is (pinned while served)."""
 
-    def __init__(self, path: str, model_id: str, config: RelayConfig, run_dir: Path | None) -> None:
-        self.path, self.model_id, self.config, self.run_dir = path, model_id, config, run_dir
+    def __init__(self, path: str, model_id: str, config: RelayConfig, run_dir: Path | None,
+                 follow: bool = False) -> None:
+        self.path, self.model_id, self.config, self.run_dir, self.follow = path, model_id, config, run_dir, follow
         self.pin = None if run_dir is None else run_dir / "pins" / f"serve-{os.getpid()}-{secrets.token_hex(4)}"
 
-    def pinned(self) -> Any:
-        served = self
+    @contextmanager
+    def pinned(self) -> Iterator[None]:
+        """While served, the checkpoint is named in `<run>/pins/` (run.keep_checkpoints spares it)."""
+        try:
+            self.pin_checkpoint(Path(self.path).resolve().parent)
+            yield
+        finally:
+            if self.pin is not None:
+                self.pin.unlink(missing_ok=True)
 
-        class Pin:
-            def __enter__(self) -> None:
-                if served.pin is not None and served.run_dir is not None:
-                    checkpoint = Path(served.path).resolve().parent
-                    if checkpoint.parent == (served.run_dir / "checkpoints").resolve():
-                        served.pin.parent.mkdir(exist_ok=True)
-                        write_atomic(served.pin, checkpoint.name + "\n")
-
-            def __exit__(self, *exc: object) -> None:
-                if served.pin is not None:
-                    served.pin.unlink(missing_ok=True)
-
-        return Pin()
+    def pin_checkpoint(self, checkpoint: Path | None) -> None:
+        if self.pin is None or self.run_dir is None or checkpoint is None:
+            return
+        if checkpoint.parent.resolve() == (self.run_dir / "checkpoints").resolve():
+            self.pin.parent.mkdir(exist_ok=True)
+            write_atomic(self.pin, checkpoint.name + "\n")
 
 
-def resolve(model: str, checkpoint: str | None, config_path: Path | None, model_id: str | None) -> Served:
+def resolve(model: str, checkpoint: str | None, config_path: Path | None, model_id: str | None,
+            follow: bool = False) -> Served:
     """The model to serve and its engine settings, checked before Ray starts."""
     run_dir = run_directory(model)
+    if follow and (run_dir is None or checkpoint is not None):
+        raise ValueError("--follow needs a run directory (and no --checkpoint): it serves the run's newest checkpoint")
+    if follow and latest_checkpoint(run_dir) is not None:
+        model = str(latest_checkpoint(run_dir))
     if checkpoint is not None:
         if run_dir is None:
             raise ValueError(f"--checkpoint needs a run directory; {model} is not one")
@@ -118,7 +133,7 @@ def resolve(model: str, checkpoint: str | None, config_path: Path | None, model_
         raise ValueError(f"{model} is not in a run directory: name the engine's settings with --config FILE")
     config = load_config(config_path or run_dir / "config.yaml")
     name = model_id or (config.run.name if run_dir is not None else Path(path).name)
-    return Served(path, name, config, run_dir)
+    return Served(path, name, config, run_dir, follow)
 
 
 def llm_config(served: Served) -> LLMConfig:
@@ -134,8 +149,14 @@ def llm_config(served: Served) -> LLMConfig:
     else:
         engine["gpu_memory_utilization"] = rollout.gpu_memory_utilization
         bundle = {"GPU": 1}
+    follow = None
+    if served.follow and served.run_dir is not None:
+        follow = {"run_dir": str(served.run_dir.resolve()), "checkpoint": Path(served.path).resolve().parent.name,
+                  "poll_s": FOLLOW_POLL_S}
     return LLMConfig(
         model_loading_config={"model_id": served.model_id, "model_source": served.path},
+        server_cls=FollowingLLMServer if follow else None,
+        experimental_configs={"relay_follow": follow} if follow else {},
         engine_kwargs=engine,
         placement_group_config={"bundles": [bundle] * rollout.tensor_parallel_size},
         # The engine runs in the replica's own process (ENGINE_ENV): its bundle is the replica's compute, and the
@@ -143,6 +164,35 @@ def llm_config(served: Served) -> LLMConfig:
         deployment_config={"ray_actor_options": {"num_cpus": 0}},
         runtime_env={"env_vars": ENGINE_ENV},
     )
+
+
+class FollowingLLMServer(LLMServer):
+    """An LLMServer that follows a training run: when a newer checkpoint is published, it loads that policy
+    between requests — vLLM pauses (requests in flight finish, new ones wait), reloads the weights in place, and
+    resumes — so no request is dropped. Each replica follows by itself, however many Serve runs."""
+
+    async def start(self) -> None:
+        await super().start()
+        follow = self._llm_config.experimental_configs["relay_follow"]
+        self._following = asyncio.create_task(
+            self._follow(Path(follow["run_dir"]), follow["checkpoint"], follow["poll_s"]))
+
+    async def _follow(self, run_dir: Path, current: str, poll_s: float) -> None:
+        while True:
+            await asyncio.sleep(poll_s)
+            newest = latest_checkpoint(run_dir)
+            if newest is None or newest.name <= current:
+                continue
+            current = newest.name  # tried once: a checkpoint that does not load is not tried again
+            await self.pause(mode="wait")
+            try:
+                await self.collective_rpc("reload_weights", kwargs={"weights_path": str(newest / "policy")})
+                await self.reset_prefix_cache()
+                logger.info("now serving %s", newest / "policy")
+            except Exception:  # noqa: BLE001 - a checkpoint that cannot load: keep serving the current one
+                logger.exception("could not load %s; still serving %s", newest / "policy", current)
+            finally:
+                await self.resume()
 
 
 def start(served: Served, host: str, port: int, api_key: str | None) -> None:

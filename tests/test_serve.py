@@ -1,19 +1,24 @@
-"""Tier 2: `relay serve` on Ray Serve LLM with vLLM, on a tiny model whose tokenizer has a chat template: both
-OpenAI endpoints answer as greedy decoding of the same weights does, streaming too; a malformed request gets a 4xx
-with a clear message; without the API key nothing is answered."""
+"""Tier 2: `relay serve --follow` on Ray Serve LLM with vLLM, serving a run directory whose tiny policy's tokenizer
+has a chat template: both OpenAI endpoints answer as greedy decoding of the same weights does, streaming too; a
+malformed request gets a 4xx with a clear message; without the API key nothing is answered; a newer checkpoint is
+picked up while requests keep coming, none dropped."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from openai import OpenAI
 from transformers import AutoModelForCausalLM
 
+import jobs.serve
 from jobs.serve import resolve, start
 from relay.config import dump_config
 from relay.models import load_tokenizer
@@ -33,16 +38,21 @@ CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content
 def server(ray_session, tiny_model, tmp_path_factory):
     from ray import serve
 
-    model = tmp_path_factory.mktemp("served") / "model"
+    run_dir = tmp_path_factory.mktemp("served") / "run"
+    model = run_dir / "checkpoints" / "iter_000001" / "policy"
     shutil.copytree(tiny_model, model)
     tokenizer = load_tokenizer(str(model))
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(model)
-    config_path = model.parent / "config.yaml"
-    config_path.write_text(dump_config(tiny_run_config(model.parent / "run")))
-    served = resolve(str(model), None, config_path, "tiny")
-    port = free_port()
-    start(served, "127.0.0.1", port, API_KEY)
+    (run_dir / "config.yaml").write_text(dump_config(tiny_run_config(run_dir)))
+    poll_s, jobs.serve.FOLLOW_POLL_S = jobs.serve.FOLLOW_POLL_S, 0.5
+    try:
+        served = resolve(str(run_dir), None, None, "tiny", follow=True)
+        assert served.path == str(model.resolve())
+        port = free_port()
+        start(served, "127.0.0.1", port, API_KEY)
+    finally:
+        jobs.serve.FOLLOW_POLL_S = poll_s
     yield f"http://127.0.0.1:{port}", model
     serve.shutdown()
 
@@ -95,3 +105,39 @@ def test_a_malformed_request_gets_a_4xx_and_no_key_gets_a_401(server):
     assert post({"model": "tiny", "prompt": "1="}, key=None)[0] == 401
     assert post({"model": "tiny", "prompt": "1="}, key="wrong")[0] == 401
     assert post({"model": "tiny", "prompt": "1=", "max_tokens": 2})[0] == 200
+
+
+def test_follow_loads_a_newer_checkpoint_without_dropping_a_request(server):
+    address, model = server
+    client = OpenAI(base_url=f"{address}/v1", api_key=API_KEY, max_retries=0)
+    before = greedy(model, PROMPTS)
+    # A newer policy (the output layer moved), published as the trainer publishes a checkpoint: whole, by a rename.
+    newer = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    with torch.no_grad():
+        weight = newer.get_output_embeddings().weight
+        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * weight.std() * 2)
+    checkpoints = model.parent.parent
+    partial = checkpoints / "iter_000002.partial"
+    newer.save_pretrained(partial / "policy")
+    load_tokenizer(str(model)).save_pretrained(partial / "policy")
+    after = greedy(partial / "policy", PROMPTS)
+    assert after != before
+
+    def ask(index: int) -> tuple[int, str]:
+        prompt = index % len(PROMPTS)
+        stream = client.completions.create(model="tiny", prompt=PROMPTS[prompt], max_tokens=8, temperature=0,
+                                           stream=True)
+        return prompt, "".join(chunk.choices[0].text for chunk in stream)
+
+    answers: list[tuple[int, str]] = []
+    with ThreadPoolExecutor(4) as pool:
+        os.replace(partial, checkpoints / "iter_000002")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            batch = list(pool.map(ask, range(len(answers), len(answers) + 8)))  # raises if one is dropped
+            answers += batch
+            if [text for _, text in batch[-len(PROMPTS):]] == after:
+                break
+    # Every request got a whole answer, of the one policy or of the other; the last ones are the newer policy's.
+    assert all(text in (before[prompt], after[prompt]) for prompt, text in answers)
+    assert [text for _, text in answers[-len(PROMPTS):]] == after

@@ -29,7 +29,9 @@ from typing import Any, Iterator
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
@@ -136,9 +138,9 @@ def resolve(model: str, checkpoint: str | None, config_path: Path | None, model_
     return Served(path, name, config, run_dir, follow)
 
 
-def llm_config(served: Served) -> LLMConfig:
+def llm_config(served: Served, autoscaling: dict[str, Any] | None = None) -> LLMConfig:
     """The engine as the run's rollout engines ran (dtype, context, eager on CPU), sized for a small machine: one
-    bundle per tensor-parallel rank, and an ingress that takes a tenth of a CPU."""
+    bundle per tensor-parallel rank. `autoscaling`: Serve's own autoscaling_config for the engine replicas."""
     config, rollout = served.config, served.config.rollout
     engine: dict[str, Any] = {"dtype": config.policy.dtype, "max_model_len": rollout.max_model_len,
                               "tensor_parallel_size": rollout.tensor_parallel_size,
@@ -161,7 +163,8 @@ def llm_config(served: Served) -> LLMConfig:
         placement_group_config={"bundles": [bundle] * rollout.tensor_parallel_size},
         # The engine runs in the replica's own process (ENGINE_ENV): its bundle is the replica's compute, and the
         # replica asks for no CPU of its own on top (Serve LLM's default of one would double it).
-        deployment_config={"ray_actor_options": {"num_cpus": 0}},
+        deployment_config={"ray_actor_options": {"num_cpus": 0},
+                           **({"autoscaling_config": autoscaling} if autoscaling else {})},
         runtime_env={"env_vars": ENGINE_ENV},
     )
 
@@ -196,18 +199,42 @@ class FollowingLLMServer(LLMServer):
 
 
 def start(served: Served, host: str, port: int, api_key: str | None) -> None:
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(served, api_key), name="relay", route_prefix="/")
+
+
+def build_app(served: Served, api_key: str | None, autoscaling: dict[str, Any] | None = None) -> Application:
     """Ray Serve LLM's OpenAI app — its LLMServer deployment and its OpenAiIngress — with an API-key check in
     front when a key is given."""
-    config = llm_config(served)
+    config = llm_config(served, autoscaling)
     # What build_openai_app builds, but with our ingress app (the key check) and an ingress of a tenth of a CPU:
     # its default whole CPU never schedules on a 2-CPU machine beside the engine.
     options = OpenAiIngress.get_deployment_options([config]) | {"ray_actor_options": {"num_cpus": 0.1}}
     ingress = make_fastapi_ingress(OpenAiIngress, app=ingress_app(api_key))
-    app = serve.deployment(ingress, **options).bind(
+    return serve.deployment(ingress, **options).bind(
         llm_deployments={served.model_id: build_llm_deployment(config)},
         model_cards={served.model_id: model_card(config)})
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name="relay", route_prefix="/")
+
+
+class AppArgs(BaseModel):
+    """The arguments of `jobs.serve:app` in a Serve config (cluster/serve.yaml), as `relay serve` takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    checkpoint: str | None = None
+    config: str | None = None
+    model_id: str | None = None
+    follow: bool = False
+    api_key_env: str = Field(API_KEY_ENV, description="the environment variable holding the API key, if any")
+    autoscaling: dict[str, Any] | None = Field(None, description="Serve's autoscaling_config for the engine")
+
+
+def app(args: dict[str, Any]) -> Application:
+    """The Serve application builder: `serve run jobs.serve:app model=RUN_DIR` or `serve deploy cluster/serve.yaml`."""
+    parsed = AppArgs.model_validate(args)
+    served = resolve(parsed.model, parsed.checkpoint, Path(parsed.config) if parsed.config else None,
+                     parsed.model_id, follow=parsed.follow)
+    return build_app(served, os.environ.get(parsed.api_key_env), parsed.autoscaling)
 
 
 def ingress_app(api_key: str | None) -> FastAPI:

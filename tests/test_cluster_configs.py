@@ -367,3 +367,35 @@ def test_grafana_dashboard_covers_the_runs_metrics():
         assert ray_metric_name(metric) in queries, metric
     assert all('run=~"$run"' in target["expr"] for panel in board["panels"] for target in panel["targets"])
     assert [variable["name"] for variable in board["templating"]["list"]] == ["datasource", "run"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cluster/serve.yaml: the policy as a Serve application
+
+
+def test_serve_config_passes_serves_schema_and_builds_the_application(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    import jobs.serve
+    from relay.config import dump_config
+
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text()))
+    [application] = deploy.applications
+    assert application.import_path == "jobs.serve:app" and deploy.http_options.port == 8000
+    assert deploy.proxy_location.value == "HeadOnly"  # one entry point, reached through the head like the dashboard
+    args = jobs.serve.AppArgs.model_validate(application.args)
+    assert args.follow and args.autoscaling["max_replicas"] >= args.autoscaling["min_replicas"] >= 1
+
+    # What the builder makes of those arguments (it runs where Serve imports it, on the cluster: here, its parts
+    # that need no Ray), on a run directory: a run's GPU config and its newest checkpoint.
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "iter_000003" / "policy").mkdir(parents=True)
+    (run_dir / "checkpoints" / "iter_000003" / "policy" / "config.json").write_text("{}")
+    (run_dir / "config.yaml").write_text(dump_config(load_config(ROOT / GPU_CONFIGS[0])))
+    served = jobs.serve.resolve(str(run_dir), args.checkpoint, None, args.model_id, follow=args.follow)
+    config = jobs.serve.llm_config(served, args.autoscaling)
+    assert config.deployment_config["autoscaling_config"] == application.args["autoscaling"]
+    assert config.model_loading_config.model_source == str((run_dir / "checkpoints" / "iter_000003" / "policy").resolve())
+    assert config.engine_kwargs["dtype"] == load_config(ROOT / GPU_CONFIGS[0]).policy.dtype
+    assert config.experimental_configs["relay_follow"]["checkpoint"] == "iter_000003"
+    assert config.server_cls is jobs.serve.FollowingLLMServer

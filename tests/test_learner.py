@@ -5,6 +5,7 @@ the weights or the optimizer state, and each is counted against run.max_nonfinit
 
 from __future__ import annotations
 
+import importlib
 import socket
 from dataclasses import replace
 
@@ -20,18 +21,27 @@ pytestmark = pytest.mark.slow  # DeepSpeed engines, ZeRO-2 and ZeRO-3
 
 @pytest.fixture(scope="module")
 def one_rank_group():
-    """A one-rank gloo process group for the learners built here; gone with the module."""
+    """A fresh one-rank gloo process group for the learners built here; gone with the module. Whatever an earlier
+    module of this process left (a group, DeepSpeed's comm backend and its cached groups: an in-process vLLM
+    engine destroys its group when it is collected, at no fixed time) is cleared first, so that DeepSpeed starts
+    afresh instead of reaching for a group that no longer exists."""
+    import deepspeed.comm.comm
+    import deepspeed.utils.groups
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                    "LOCAL_RANK": "0"}
-    already = torch.distributed.is_initialized()  # (an in-process vLLM engine's, which keeps it)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    deepspeed.comm.comm.cdb = None
+    importlib.reload(deepspeed.utils.groups)  # its module-level group caches
     with pytest.MonkeyPatch.context() as patch:
         for name, value in environment.items():
             patch.setenv(name, value)
         yield
-        if torch.distributed.is_initialized() and not already:
+        if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -72,7 +72,8 @@ def add_comparisons(config: RelayConfig, models: list[str], store: LabelStore, c
     at the rollout temperature and stored in random order."""
     tokenizer = load_tokenizer(models[0])
     prompts = load_prompt_data(config, tokenizer).eval[:count]
-    seeds = request_seeds(LABEL_SEED, store.counts()["comparisons"], len(prompts))  # new answers on each start
+    existing = store.counts()["comparisons"]
+    seeds = request_seeds(LABEL_SEED, existing, len(prompts))  # new answers on each start
     fleet = RolloutFleet(config, models[0])
     try:
         ids = [prompt.ids for prompt in prompts]
@@ -86,7 +87,7 @@ def add_comparisons(config: RelayConfig, models: list[str], store: LabelStore, c
     finally:
         fleet.shutdown()
     sources = [models[0], models[-1]]
-    rng = random.Random(LABEL_SEED + store.counts()["comparisons"])
+    rng = random.Random(LABEL_SEED + existing)
     for prompt, pair in zip(prompts, answers):
         texts = [tokenizer.decode(sample.token_ids, skip_special_tokens=True) for sample in pair]
         order = [0, 1] if rng.random() < 0.5 else [1, 0]  # which model's answer shows as A is random

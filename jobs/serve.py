@@ -121,8 +121,9 @@ def resolve(model: str, checkpoint: str | None, config_path: Path | None, model_
     run_dir = run_directory(model)
     if follow and (run_dir is None or checkpoint is not None):
         raise ValueError("--follow needs a run directory (and no --checkpoint): it serves the run's newest checkpoint")
-    if follow and latest_checkpoint(run_dir) is not None:
-        model = str(latest_checkpoint(run_dir))
+    newest = latest_checkpoint(run_dir) if follow and run_dir is not None else None
+    if newest is not None:
+        model = str(newest)
     if checkpoint is not None:
         if run_dir is None:
             raise ValueError(f"--checkpoint needs a run directory; {model} is not one")

@@ -29,6 +29,7 @@ http://127.0.0.1:8265, e.g. through `ray dashboard cluster/ray-cluster.yaml` or 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,10 @@ import jobs
 
 DEMO_CONFIGS = {name: Path(jobs.__file__).parent / "configs" / f"{stem}.yaml"
                 for name, stem in (("ppo", "demo"), ("rlhf", "demo-rlhf"), ("grpo", "demo-grpo"))}
+
+
+# Commands whose whole command line is their job's own parser: one definition of their options, not two.
+OWN_COMMAND_LINES = {"eval": "evaluate", "serve": "serve", "label": "label"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,27 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vs", choices=["trl"], help="also run this trainer on the same work")
     bench.add_argument("--output", default="runs/bench", help="where bench.json and bench.png go")
     bench.add_argument("overrides", nargs="*", help="dotted.key=value")
-    evaluate = commands.add_parser("eval", help="evaluate policies side by side on held-out prompts (jobs/evaluate.py)")
-    evaluate.add_argument("--config", required=True)
-    evaluate.add_argument("models", nargs="+", help="run directories, checkpoints, model directories or Hub names")
-    evaluate.add_argument("--against", help="the reference policy (default: the run's own)")
-    evaluate.add_argument("--output", default="runs/eval/eval.json")
-    evaluate.set_defaults(overrides=[])  # they come among the models, or after the options
-    serve = commands.add_parser("serve", help="serve a policy behind an OpenAI-compatible API (jobs/serve.py)")
-    serve.add_argument("model", help="a run directory, a checkpoint, a model directory or a Hub name")
-    serve.add_argument("--checkpoint", help="with a run directory: this checkpoint (iter_N) instead of the final")
-    serve.add_argument("--config", help="the engine's settings, for a model outside a run")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-id")
-    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $RELAY_API_KEY)")
-    label = commands.add_parser("label", help="a web page to compare answers; choices to a label store (jobs/label.py)")
-    label.add_argument("--config", required=True)
-    label.add_argument("models", nargs="+", help="one policy (two samples per prompt) or two (one answer each)")
-    label.add_argument("--store", default="runs/labels/labels.sqlite")
-    label.add_argument("--comparisons", type=int, default=64)
-    label.add_argument("--host", default="127.0.0.1")
-    label.add_argument("--port", type=int, default=8001)
+    # Listed here; their command lines are their jobs' own (see main).
+    for name, job in OWN_COMMAND_LINES.items():
+        commands.add_parser(name, help=f"see `relay {name} --help` (jobs/{job}.py)")
     export = commands.add_parser("export-task", help="write a task's prompts and demonstrations as a dataset")
     export.add_argument("task", help="built-in task name or module:attribute")
     export.add_argument("out_dir")
@@ -109,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OWN_COMMAND_LINES:  # the job parses the rest, options, overrides and --help alike
+        importlib.import_module(f"jobs.{OWN_COMMAND_LINES[argv[0]]}").main(argv[1:])
+        return
     parser = build_parser()
     # Overrides may follow options (`relay submit FILE --address URL a.b=1`): argparse leaves those over.
     args, leftover = parser.parse_known_args(argv)
@@ -127,26 +118,6 @@ def main(argv: list[str] | None = None) -> None:
 
         bench_main(["--config", args.config, "--iterations", str(args.iterations), "--output", args.output,
                     *(["--vs", args.vs] if args.vs else []), *args.overrides])
-        return
-    if args.command == "eval":
-        from jobs.evaluate import main as evaluate_main
-
-        evaluate_main(["--config", args.config, *args.models, *(["--against", args.against] if args.against else []),
-                       "--output", args.output, *args.overrides])
-        return
-    if args.command == "serve":
-        from jobs.serve import main as serve_main
-
-        options = [("--checkpoint", args.checkpoint), ("--config", args.config), ("--model-id", args.model_id),
-                   ("--api-key", args.api_key)]
-        serve_main([args.model, "--host", args.host, "--port", str(args.port),
-                    *(item for flag, value in options if value for item in (flag, value))])
-        return
-    if args.command == "label":
-        from jobs.label import main as label_main
-
-        label_main(["--config", args.config, *args.models, "--store", args.store, "--comparisons",
-                    str(args.comparisons), "--host", args.host, "--port", str(args.port)])
         return
     if args.command == "sft":
         from jobs.sft import main as sft_main

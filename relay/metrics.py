@@ -47,9 +47,10 @@ class MetricsLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         logged_through = 0  # the last iteration an earlier attempt logged
         if self.jsonl_path.exists():
-            rows = [line for line in self.jsonl_path.read_text().splitlines(keepends=True) if line.strip()]
-            logged_through = max((json.loads(line)["iteration"] for line in rows), default=0)
-            kept = [line for line in rows if json.loads(line)["iteration"] <= resumed_at]
+            rows = [(json.loads(line)["iteration"], line)
+                    for line in self.jsonl_path.read_text().splitlines(keepends=True) if line.strip()]
+            logged_through = max((iteration for iteration, _ in rows), default=0)
+            kept = [line for iteration, line in rows if iteration <= resumed_at]
             partial = self.jsonl_path.with_name(self.jsonl_path.name + ".partial")
             partial.write_text("".join(kept))
             os.replace(partial, self.jsonl_path)

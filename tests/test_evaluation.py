@@ -133,6 +133,13 @@ def test_relay_eval_command_line_and_its_errors_before_ray(tmp_path, monkeypatch
                 "eval.text_rows=4"])
     assert calls == [(Path("c.yaml"), ["runs/a", "runs/b"], "base", Path("runs/eval/eval.json"),
                       ["data.eval_prompts=8", "eval.text_rows=4"])]
+    # `relay serve` passes its whole command line to jobs/serve.py's parser, --follow included.
+    import jobs.serve
+
+    served = []
+    monkeypatch.setattr(jobs.serve, "main", served.append)
+    relay_main(["serve", "runs/a", "--follow", "--port", "9000"])
+    assert served == [["runs/a", "--follow", "--port", "9000"]]
     monkeypatch.undo()
 
     def error_of(*argv):

@@ -207,7 +207,7 @@ class Learner(Usage):
             logprobs = ppo.token_logprobs(logits, part.response_ids)
             algorithm = self.algorithm
             surrogate, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
-                                               algorithm.clip_ratio, algorithm.loss_aggregation)
+                                               algorithm.clip_ratio, algorithm.loss_aggregation, part.behavior_weights)
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
             loss = surrogate - algorithm.entropy_coef * entropy if algorithm.entropy_coef else surrogate
             extra = {}

@@ -49,7 +49,7 @@ from relay.trl_baseline import trl_seconds_per_iteration, trl_version
 
 # The driver's phases of an iteration, in order (control: requests and scaling; accounting: the roles' usage);
 # what is left of the iteration, unmeasured, is "other" (the statistics, mostly).
-PHASES = ("control", "generate", "score", "advantages", "train", "sync", "accounting")
+PHASES = ("control", "generate", "score", "advantages", "train", "generate_wait", "sync", "accounting")
 # The roles' own busy time inside the phases (metric time/<role>_<pass> → label), by phase.
 ROLE_PASSES = {
     "generate": {"rollout_generate": "vLLM generation"},

@@ -18,6 +18,8 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -83,6 +85,15 @@ class DriverState:
     reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
 
 
+@dataclass
+class GeneratedAhead:
+    """The next iteration's batch, generating while this one is scored and trained (rollout.generate_ahead)."""
+
+    iteration: int
+    batch: Future[tuple[RolloutBatch, float]]  # and the seconds its generation took
+    data_position: tuple[int, int]  # (data_epoch, data_cursor) before its prompts were drawn: what a checkpoint keeps
+
+
 class PPOTrainer:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
@@ -113,6 +124,9 @@ class PPOTrainer:
         self.created = time.monotonic()  # in `relay train`, before Ray starts
         self.startup_seconds: float | None = None  # from here to the first iteration
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)  # the data order of the current epoch
+        self.ahead: GeneratedAhead | None = None
+        self.generator_thread = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-ahead")
+                                 if config.rollout.generate_ahead else None)
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -247,9 +261,21 @@ class PPOTrainer:
 
         # 1-2. The next prompts (the data cursor is checkpointed), and samples of each on the vLLM fleet with the
         #      sampler's log-probs; with dynamic sampling, prompts whose samples all scored alike are replaced.
+        #      With rollout.generate_ahead the batch was generated during the last iteration, and the next one
+        #      starts now, on the engines' current weights, while this one scores and trains.
         with phase("generate", metrics):
-            batch, raw_rewards = self.sample_batch(iteration, metrics)
+            ahead, self.ahead = self.ahead, None
+            if ahead is not None and ahead.iteration == iteration:
+                batch, generate_seconds = ahead.batch.result()
+                raw_rewards = None
+            else:
+                generating_started = time.monotonic()
+                batch, raw_rewards = self.sample_batch(iteration, metrics)
+                generate_seconds = time.monotonic() - generating_started
+            if config.rollout.generate_ahead and iteration < config.run.iterations:
+                self.ahead = self.generate_ahead(iteration + 1)
         batch_ref = ray.put(batch)
+        staleness = self.state.policy_version - batch.policy_version  # policy updates since it was generated
 
         # 3. Score in parallel (run.roles_in_parallel): old log-probs (never the sampler's), reference log-probs,
         #    values (with a critic), rewards.
@@ -274,8 +300,11 @@ class PPOTrainer:
             token_rewards, kl = ppo.token_rewards(rewards, old_logprobs, ref_logprobs, mask, kl_coef_in_reward,
                                                   algorithm.kl_estimator)
             advantages, returns = self.advantages(token_rewards, values, mask)
+            weights = (ppo.behavior_weights(old_logprobs, batch.sampler_logprobs, mask, algorithm.behavior_weight_cap)
+                       if staleness else None)
             train_ref = ray.put(replace(batch, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, values=values,
-                                        sequence_rewards=rewards, advantages=advantages, returns=returns))
+                                        sequence_rewards=rewards, advantages=advantages, returns=returns,
+                                        behavior_weights=weights))
 
         # 5. Training epochs: the policy (clipped surrogate) and the critic (clipped value loss), in parallel
         #    (run.roles_in_parallel).
@@ -288,7 +317,11 @@ class PPOTrainer:
             for name, refs in stats.items():
                 metrics |= mean_over_ranks(self.wait(refs, f"{name} (train)"))
 
-        # 6. The new policy weights to every rollout worker, in buckets (all learner ranks take part in the gather).
+        # 6. The new policy weights to every rollout worker, in buckets (all learner ranks take part in the gather),
+        #    once the engines have generated the next batch, when they are generating ahead.
+        if self.ahead is not None:
+            with phase("generate_wait", metrics):
+                wait_for_futures([self.ahead.batch])
         with phase("sync", metrics):
             buckets = self.gather_policy_weights()
             self.state.policy_version += 1
@@ -309,15 +342,20 @@ class PPOTrainer:
             "policy/kl_ref": kl_per_sequence,
             "policy/kl_coef": self.kl_controller.value,
             "policy/version": float(self.state.policy_version),
+            "policy/staleness": float(staleness),
             "policy/sampler_logprob_gap": ppo.masked_mean((batch.sampler_logprobs - old_logprobs).abs(), mask).item(),
             "response/length_mean": response_tokens / len(batch),
-            "perf/tokens_per_s": response_tokens / metrics["time/generate"],
+            "perf/tokens_per_s": response_tokens / generate_seconds,
             "perf/samples": float(self.state.samples),
         }
         with phase("accounting", metrics):
             metrics |= self.role_usage()
         if values is not None:
             metrics["critic/values_mean"] = ppo.masked_mean(values, mask).item()
+        if weights is not None:
+            metrics["policy/behavior_weight_mean"] = ppo.masked_mean(weights, mask).item()
+            metrics["policy/behavior_weight_capped"] = ppo.masked_mean(
+                (weights >= algorithm.behavior_weight_cap).float(), mask).item()
         if algorithm.advantage in ("grpo", "rloo"):
             groups = ppo.zero_variance_groups(raw_rewards, config.rollout.samples_per_prompt)
             metrics["reward/zero_variance_groups"] = groups.float().mean().item()  # prompts that taught nothing
@@ -373,6 +411,20 @@ class PPOTrainer:
         metrics["sampling/dropped_share"] = 1.0 - min(kept_groups, prompts_needed) / seen
         metrics["sampling/rounds"] = float(round_index + 1)
         return batch.select(rows), rewards[rows]
+
+    def generate_ahead(self, iteration: int) -> GeneratedAhead:
+        """Start generating `iteration`'s batch in the generator thread. Only that thread uses the fleet until the
+        batch is in: the driver waits for it before the weight sync, the evaluation and any scaling."""
+        assert self.generator_thread is not None
+        position = (self.state.data_epoch, self.state.data_cursor)
+        prompts = self.next_prompts(self.config.data.prompts_per_iteration)
+
+        def generate() -> tuple[RolloutBatch, float]:
+            started = time.monotonic()
+            batch = self.generate(prompts, self.config.rollout.samples_per_prompt, self.config.run.seed, iteration)
+            return batch, time.monotonic() - started
+
+        return GeneratedAhead(iteration, self.generator_thread.submit(generate), position)
 
     def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int,
                  round_index: int = 0) -> RolloutBatch:
@@ -697,7 +749,10 @@ class PPOTrainer:
         self.state.kl_coef = self.kl_controller.value
         self.state.reward_stats = self.reward_normalizer.state_dict()
         self.state.early_stop = self.early_stopping.state_dict()
-        (partial / "driver_state.json").write_text(json.dumps(asdict(self.state), indent=1))
+        state = self.state
+        if self.ahead is not None:  # its prompts are drawn again on resume (same seeds, from the saved weights)
+            state = replace(state, data_epoch=self.ahead.data_position[0], data_cursor=self.ahead.data_position[1])
+        (partial / "driver_state.json").write_text(json.dumps(asdict(state), indent=1))
         publish_directory(partial, final)
         self.prune_checkpoints()
         return final
@@ -726,6 +781,8 @@ class PPOTrainer:
 
     def shutdown(self) -> None:
         self.shutdown_roles()
+        if self.generator_thread is not None:
+            self.generator_thread.shutdown()
         if hasattr(self, "control"):
             ray.kill(self.control)
             del self.control
@@ -733,6 +790,9 @@ class PPOTrainer:
     def shutdown_roles(self) -> None:
         """Every role's actors and placement groups gone, and the metric sinks closed. The control actor stays:
         a restart keeps the requests it holds."""
+        if self.ahead is not None:  # the fleet is the generator thread's until its batch is in
+            wait_for_futures([self.ahead.batch])
+            self.ahead = None
         for name in ("fleet", "policy", "critic", "reference", "reward"):
             if hasattr(self, name):
                 getattr(self, name).shutdown()
@@ -841,7 +901,7 @@ def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -
     if metrics.get("rollout/worker_failures"):
         line += f" ({metrics['rollout/worker_failures']:.0f} failed so far)"
     phases = " ".join(f"{name} {metrics[f'time/{name}']:.2f}s"
-                      for name in ("generate", "score", "advantages", "train", "sync", "eval", "checkpoint")
+                      for name in ("generate", "score", "advantages", "train", "generate_wait", "sync", "eval", "checkpoint")
                       if f"time/{name}" in metrics)
     line += f" | {phases}"
     if "eval/score" in metrics:

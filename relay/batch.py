@@ -34,6 +34,7 @@ class RolloutBatch:
     sequence_rewards: Tensor | None = None  # [B] reward of each whole response
     advantages: Tensor | None = None  # [B, Lr]
     returns: Tensor | None = None  # [B, Lr]
+    behavior_weights: Tensor | None = None  # [B, Lr] decoupled PPO's weights, when an older policy generated the batch
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]

@@ -166,6 +166,11 @@ class RolloutSection(Section):
     kv_cache_memory_mb: int = Field(256, ge=16, description="KV cache size on device: cpu")
     enforce_eager: bool = Field(False, description="skip CUDA graphs (always on for cpu)")
     max_failures: int = Field(10, ge=0, description="engine failures survived (each replaced) before the run stops")
+    generate_ahead: bool = Field(
+        False, description="generate the next iteration's batch while this one is scored and trained: its samples "
+        "come from the policy one version behind, and decoupled PPO's weights (algorithm.behavior_weight_cap) "
+        "correct the ratio for it"
+    )
     sync_bucket_mb: float = Field(
         256, gt=0, description="weight sync: the policy goes to the engines in buckets of about this size (a decoder "
         "block is never split)"
@@ -205,6 +210,10 @@ class AlgorithmSection(Section):
     kl_budget: float | None = Field(
         None, gt=0, description="the most KL to the reference (policy/kl_ref, per sequence) the run may reach: past "
         "it the run stops, checkpointing the iteration that crossed it (policy_best keeps the best before it)"
+    )
+    behavior_weight_cap: float = Field(
+        2.0, gt=0, description="rollout.generate_ahead: each token's policy loss is weighted by "
+        "min(π_old / π_sampler, this cap), π_sampler being the older policy that generated it"
     )
     reuse_scoring_forward: bool = Field(
         False, description="the policy's and critic's scoring pass keeps its graph and serves as the first epoch's "
@@ -452,6 +461,9 @@ class RelayConfig(Section):
             raise ValueError(f"reward.resources.gpus_per_node must be 0: a {self.reward.type} reward runs on CPUs")
         if self.reward.colocate_with_policy and not self.reward.uses_gpu_model:
             raise ValueError("reward.colocate_with_policy needs reward.type: model")
+        if self.rollout.generate_ahead and self.algorithm.dynamic_sampling:
+            raise ValueError("rollout.generate_ahead cannot be used with algorithm.dynamic_sampling, which scores "
+                             "rewards while it generates")
         if self.rollout.max_new_tokens >= self.rollout.max_model_len:
             raise ValueError(
                 f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for a prompt within "

@@ -256,6 +256,18 @@ class PolicyLossStats:
     approx_kl: Tensor
 
 
+def behavior_weights(old_logprobs: Tensor, sampler_logprobs: Tensor, response_mask: Tensor, cap: float) -> Tensor:
+    """Decoupled PPO's importance weights (Hilton et al. 2021) for samples drawn by an older policy than the one
+    being updated: min(π_old / π_sampler, cap) per token, where π_old is the policy before this update (the
+    proximal policy, which the clipped ratio is taken against) and π_sampler the one that generated the tokens.
+
+    old_logprobs, sampler_logprobs, response_mask [B, L] -> [B, L], 1 on padding. Truncating at `cap` bounds the
+    variance a token the sampler found unlikely would add (as V-trace and truncated importance sampling do).
+    """
+    log_weight = zero_padding(old_logprobs.float() - sampler_logprobs.float(), response_mask)
+    return torch.exp(log_weight).clamp(max=cap)
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -263,12 +275,15 @@ def policy_loss(
     response_mask: Tensor,
     clip_ratio: float,
     aggregation: LossAggregation = "token_mean",
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (to minimise), aggregated over real tokens.
 
     logprobs, old_logprobs, advantages, response_mask [B, L] -> (loss [], stats).
     With r = exp(logprobs - old_logprobs):
-    loss = aggregate(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio))), token_mean by default.
+    loss = aggregate(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio))), token_mean by default;
+    with `weights` [B, L] (detached: `behavior_weights` for samples of an older policy), each token's term is
+    multiplied by its weight first.
     clipfrac is the fraction of real tokens where the clipped term is the larger one;
     approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)**2).
     """
@@ -277,7 +292,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = aggregate(torch.maximum(unclipped, clipped), response_mask, aggregation)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate(per_token if weights is None else per_token * weights.detach(), response_mask, aggregation)
     with torch.no_grad():
         stats = PolicyLossStats(
             clipfrac=masked_mean((clipped > unclipped).float(), response_mask),

@@ -66,6 +66,13 @@ def test_exactly_one_policy_source():
         load_config(None, [])
 
 
+def test_generating_ahead_excludes_dynamic_sampling():
+    assert load_config(CONFIGS / "demo.yaml", ["rollout.generate_ahead=true"]).rollout.generate_ahead
+    with pytest.raises(ConfigError, match="rollout.generate_ahead cannot be used with algorithm.dynamic_sampling"):
+        load_config(CONFIGS / "demo.yaml", ["rollout.generate_ahead=true", "algorithm.advantage=grpo",
+                                            "algorithm.dynamic_sampling=true"])
+
+
 def test_device_and_gpus_agree():
     with pytest.raises(ConfigError, match="policy.resources.gpus_per_node must be >= 1 with device: cuda"):
         load_config(CONFIGS / "demo.yaml", ["device=cuda"])

@@ -101,6 +101,25 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
     assert (straight_dir / "policy").resolve() == (straight_dir / "checkpoints" / "iter_000003" / "policy").resolve()
 
 
+def test_generating_ahead_trains_one_version_behind_and_resumes_at_its_prompts(ray_session, tmp_path):
+    overrides = ["rollout.generate_ahead=true", "run.checkpoint_every=1"]
+    run(tiny_run_config(tmp_path, *overrides))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["policy/staleness"] for row in rows] == [0.0, 1.0]  # iteration 2 trains on the version-0 samples
+    assert "policy/behavior_weight_mean" not in rows[0]
+    assert 0.0 < rows[1]["policy/behavior_weight_mean"] <= 2.0  # min(π_old / π_sampler, 2), 1 where they agree
+    assert rows[1]["policy/sampler_logprob_gap"] > rows[0]["policy/sampler_logprob_gap"]
+    assert "time/generate_wait" in rows[0] and "time/generate_wait" not in rows[1]  # nothing ahead of the last
+    # Each checkpoint's data cursor leaves out the prompts of the batch generated ahead: a resumed run draws them.
+    cursors = [json.loads((tmp_path / "checkpoints" / name / "driver_state.json").read_text())["data_cursor"]
+               for name in ("iter_000001", "iter_000002")]
+    assert cursors == [8, 16]
+    run(tiny_run_config(tmp_path, *overrides, "run.iterations=3"))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["iteration"] for row in rows] == [1, 2, 3]
+    assert rows[2]["policy/staleness"] == 0.0  # generated after the resume, by the resumed weights
+
+
 def test_ppo_on_a_prompt_file_with_a_users_reward_then_resume(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

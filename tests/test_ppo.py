@@ -242,6 +242,31 @@ def test_policy_loss_at_ratio_one_is_minus_mean_advantage():
     close(stats.approx_kl, 0.0)
 
 
+def test_behavior_weights_by_hand():
+    # π_old / π_sampler per token, capped at 2; padding weighs 1
+    old = torch.tensor([[-1.0, -1.0, -2.0, -0.5]])
+    sampler = torch.tensor([[-1.0, -1.0 + math.log(1.5), -2.0 - math.log(3.0), 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    close(ppo.behavior_weights(old, sampler, mask, cap=2.0), [[1.0, 1.0 / 1.5, 2.0, 1.0]], atol=1e-6)
+
+
+def test_policy_loss_weights_each_token_and_not_the_statistics():
+    ratios = torch.tensor([[1.5, 0.5, 1.1, 1.0]])
+    advantages = torch.tensor([[1.0, 1.0, 1.0, 10.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    old_logprobs = torch.full((1, 4), -1.0)
+    logprobs = (old_logprobs + ratios.log()).requires_grad_()
+    weights = torch.tensor([[2.0, 0.5, 1.0, 3.0]])
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_ratio=0.2, weights=weights)
+    # terms as in the test below: -1.2 (clipped), -0.5, -1.1; weighted: (2·-1.2 + 0.5·-0.5 + 1·-1.1) / 3
+    close(loss, (-2.4 - 0.25 - 1.1) / 3, atol=1e-6)
+    unweighted, unweighted_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_ratio=0.2)
+    close(stats.clipfrac, unweighted_stats.clipfrac)
+    loss.backward()
+    # d/d logprob_t = -w_t A_t r_t / 3 where unclipped: t0 clipped → 0; t1: -0.5·0.5/3; t2: -1.1/3
+    close(logprobs.grad, [[0.0, -0.25 / 3, -1.1 / 3, 0.0]], atol=1e-6)
+
+
 def test_policy_loss_with_active_clipping_by_hand():
     # clip_ratio = 0.2, so clip(r) lies in [0.8, 1.2]; the last position is padding
     ratios = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.1, 5.0]])

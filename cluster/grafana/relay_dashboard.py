@@ -34,7 +34,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("Perplexity", "none", [('ray_relay_eval_perplexity{run=~"$run"}', "{{run}}")]),
     ("Generated tokens/s", "none", [('ray_relay_perf_tokens_per_s{run=~"$run"}', "{{run}}")]),
     ("Phase times", "s", [(
-        '{__name__=~"ray_relay_time_(generate|score|advantages|train|sync|eval|checkpoint)", run=~"$run"}',
+        '{__name__=~"ray_relay_time_(generate|score|advantages|train|generate_wait|sync|eval|checkpoint)", run=~"$run"}',
         "{{run}} {{__name__}}")]),
     ("Policy version", "none", [('ray_relay_policy_version{run=~"$run"}', "{{run}}")]),
     ("Rollout workers", "none", [('ray_relay_rollout_workers_active{run=~"$run"}', "{{run}} active"),

@@ -204,12 +204,14 @@ class RolloutFleet:
             self.pending.append(_Member(index, worker, group, worker.__ray_ready__.remote()))
 
     def _thread_env(self) -> dict[str, str]:
-        """On CPUs, an engine's OpenMP threads: generation runs alone in its phase of the iteration, and with the
+        """On CPUs, an engine's OpenMP threads. Generation runs alone in its phase of the iteration, and with the
         one thread Ray gives a fractional-CPU actor it took 3.9 s where two threads take 2.7 s (jobs/bench.py, on
-        2 cores)."""
+        2 cores): every core. Generating ahead, it shares the cores with the learners, and two threads made the
+        iteration 19.1 s where one made it 12.3 s: one."""
         if self.config.device != "cpu":
             return {}
-        return {"OMP_NUM_THREADS": str(self.config.rollout.cpu_threads or os.cpu_count() or 1)}
+        rollout = self.config.rollout
+        return {"OMP_NUM_THREADS": str(rollout.cpu_threads or (1 if rollout.generate_ahead else os.cpu_count() or 1))}
 
     def resize(self, target: int) -> None:
         """Ask for `target` engines: start new ones (pending), or retire the newest (pending ones first)."""

@@ -209,12 +209,18 @@ class PPOTrainer:
         Returns the policy and critic weights to start the learners from."""
         config = self.config
         base_path = prepare_base_model(config, self.run_dir)
-        self.fleet = RolloutFleet(config, base_path)
-        # The base model's score, by the task or a reward function in the driver: no other role is up yet.
-        self.state.eval_score_base = self.evaluation.run(self.eval_scorers()).metrics.get("eval/score")
-        policy_path = base_path
-        if config.warm_start is not None:
-            policy_path = run_warm_start(config, base_path, self.run_dir)
+
+        def start_engines_and_score_the_base_model() -> float | None:
+            # By the task or a reward function in the driver: no other role is up yet.
+            self.fleet = RolloutFleet(config, base_path)
+            return self.evaluation.run(self.eval_scorers()).metrics.get("eval/score")
+
+        # The engines start and score the base model while the warm start trains, each on resources of its own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="base-eval") as evaluator:
+            base_score = evaluator.submit(start_engines_and_score_the_base_model)
+            policy_path = base_path if config.warm_start is None else run_warm_start(config, base_path, self.run_dir)
+            self.state.eval_score_base = base_score.result()
+        if policy_path != base_path:
             self.fleet.load_weights_from(policy_path, policy_version=0)
         self.state.reward_model = self.prepare_reward_model(policy_path)
         self.state.reference_model = resolve_model_path(config.reference.model or policy_path)

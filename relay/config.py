@@ -159,7 +159,7 @@ class RolloutSection(Section):
     ignore_eos: bool = Field(False, description="generate exactly max_new_tokens, past EOS (benchmarks)")
     cpu_threads: int | None = Field(
         None, ge=1, description="device cpu: an engine's threads (None: every core of the machine, since "
-        "generation has its phase to itself; Ray would give a fractional-CPU actor one)"
+        "generation has its phase to itself; one with generate_ahead, which shares the cores with the learners)"
     )
     max_model_len: int = Field(2048, ge=16)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of a GPU for vLLM (cuda)")

@@ -84,6 +84,14 @@ class DriverState:
     reward_model: str | None = None  # reward.model, or the one trained at the start of the run
     reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
 
+    @classmethod
+    def read(cls, checkpoint: Path) -> DriverState:
+        return cls(**json.loads((checkpoint / "driver_state.json").read_text()))
+
+    def done(self, iterations: int) -> bool:
+        """Trained to `iterations`, or stopped early (early stopping, the KL budget)."""
+        return self.iteration >= iterations or self.stop_reason is not None
+
 
 @dataclass
 class GeneratedAhead:
@@ -174,10 +182,10 @@ class PPOTrainer:
         summary_path = self.run_dir / "summary.json"
         if checkpoint is None or not summary_path.exists():
             return None
-        state = json.loads((checkpoint / "driver_state.json").read_text())
-        if state["iteration"] < self.config.run.iterations and not state.get("stop_reason"):
+        state = DriverState.read(checkpoint)
+        if not state.done(self.config.run.iterations):
             return None
-        print(f"{self.run_dir} is complete at iteration {state['iteration']}; use a new run.output_dir to rerun")
+        print(f"{self.run_dir} is complete at iteration {state.iteration}; use a new run.output_dir to rerun")
         return json.loads(summary_path.read_text())
 
     def prepare_run_dir(self) -> Path | None:
@@ -193,7 +201,7 @@ class PPOTrainer:
     def resume_from(self, checkpoint: Path) -> tuple[str, str]:
         """The driver's state, the KL controller and the reward normaliser as saved; engines on the saved policy.
         Returns the policy and critic weights to start the learners from (their DeepSpeed states load later)."""
-        self.state = DriverState(**json.loads((checkpoint / "driver_state.json").read_text()))
+        self.state = DriverState.read(checkpoint)
         if self.state.early_stop is not None:
             self.early_stopping.load_state_dict(self.state.early_stop)
         self.kl_controller.load_state_dict({"value": self.state.kl_coef})
@@ -508,7 +516,7 @@ class PPOTrainer:
         self.setup()
         assert self.state.eval_points is not None
         # A run whose final checkpoint was written but not its summary trains nothing more, and finishes below.
-        done = self.state.iteration >= config.run.iterations or self.state.stop_reason is not None
+        done = self.state.done(config.run.iterations)
         if not done:
             log_line(f"training from iteration {self.state.iteration + 1} to {config.run.iterations}: "
                      f"{config.algorithm.describe()}")

@@ -120,22 +120,35 @@ class RolloutWorker(Usage):
         layer a bucket touches: a bucket holds whole decoder blocks), and record their version."""
         with self.busy("load_weights"):
             for ref in buckets:
-                # Copies: ray.get maps the object store's tensors zero-copy (one buffer for every engine on the
-                # node), and what vLLM's reload keeps of a tensor it is given is its business. Without the copy, a
-                # bucket loaded again after another load gave wrong weights (tests/test_actors.py, zero3 sync).
-                bucket = [(name, tensor.clone()) for name, tensor in ray.get(ref).items()]
-                self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+                bucket = ray.get(ref)  # vLLM copies each tensor into the engine's own storage
+                self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket.items())})
                 del bucket  # one bucket in memory at a time
-            self.engine.reset_prefix_cache()
+            self._forget_old_weights()
         self.policy_version = policy_version
         return policy_version
 
     def load_weights_from(self, model_path: str, policy_version: int) -> int:
         """Load weights from a Hugging Face checkpoint directory, in place."""
-        self.engine.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-        self.engine.reset_prefix_cache()
+        with self.busy("load_weights"):
+            self.engine.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            self._forget_old_weights()
         self.policy_version = policy_version
         return policy_version
+
+    def _forget_old_weights(self) -> None:
+        """Drop everything the old weights computed: the prefix cache, and the KV cache's contents. Attention
+        kernels that read a whole block (vLLM's CPU kernel; FlashAttention 3 on GPUs) mask a stale slot's score
+        but still multiply its value by that zero, and 0 x NaN is NaN: one NaN an earlier policy left in a free
+        block made every later generation NaN, whatever the weights (tests/test_actors.py)."""
+        self.engine.reset_prefix_cache()
+        self.engine.collective_rpc(_zero_kv_cache)
+
+
+def _zero_kv_cache(worker: Any) -> None:
+    """Run in each of an engine's workers (`collective_rpc`): zero its KV cache tensors."""
+    for cache in worker.model_runner.kv_caches:
+        for tensor in cache if isinstance(cache, (list, tuple)) else (cache,):
+            tensor.zero_()
 
 
 @dataclass(eq=False)  # members are told apart by identity (dict keys)

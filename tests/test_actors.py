@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -158,6 +159,23 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
     assert greedy_vllm(worker, prompts) != expected
     ray.get(worker.load_weights.remote(buckets, 1))
     assert greedy_vllm(worker, prompts) == expected
+
+
+def test_an_engine_that_generated_nan_generates_right_with_the_next_weights(setup, tiny_model):
+    _, fleet, _ = setup
+    worker = fleet.workers[1]
+    tokenizer = load_tokenizer(str(tiny_model))
+    prompts = [tokenize_prompt(tokenizer, text) for text in ("31415=", "2718=", "16180339=")]
+    ray.get(worker.load_weights_from.remote(str(tiny_model), 0))
+    base = greedy_vllm(worker, prompts)
+    state = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
+    nan_attention = {name: torch.full_like(tensor, float("nan")) for name, tensor in state.items()
+                     if name.startswith("model.layers.0.self_attn.")}
+    ray.get(worker.load_weights.remote([ray.put(nan_attention)], 1))
+    samples = ray.get(worker.generate.remote(prompts, 1, 0.0, [0] * len(prompts)))
+    assert all(math.isnan(logprob) for prompt in samples for logprob in prompt[0].logprobs)  # NaN in the KV cache
+    ray.get(worker.load_weights_from.remote(str(tiny_model), 0))
+    assert greedy_vllm(worker, prompts) == base
 
 
 def test_a_non_finite_loss_trains_nothing_and_is_counted(setup, tiny_model):

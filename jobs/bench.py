@@ -13,7 +13,7 @@ with `--vs trl`, TRL's PPO trainer on the same work.
    forward/backward/step). `overhead_ratio` = relay's iteration seconds / the sum of those passes: what Ray, the
    object store, the scoring layout and the sync cost over the raw parts.
 3. With `--vs trl`: TRL's PPO trainer (relay/trl_baseline.py) on the same model, prompts, samples, response length,
-   epochs and reward model; `ratio_vs_baseline` = relay's seconds per iteration / TRL's.
+   epochs and reward model, in the policy's dtype; `ratio_vs_baseline` = relay's seconds per iteration / TRL's.
 
 Writes `<output>/bench.json` and `<output>/bench.png` (the phase breakdown), and prints a table.
 """
@@ -100,10 +100,11 @@ def bench(config_path: Path, overrides: list[str], iterations: int, output: Path
             response_length=config.rollout.max_new_tokens, epochs=config.algorithm.epochs,
             mini_batches=config.algorithm.mini_batches, micro_batch_size=config.policy.micro_batch_size,
             iterations=iterations + 1, learning_rate=config.policy.learning_rate,
-            temperature=config.rollout.temperature, output_dir=str(output / "trl"), seed=config.run.seed,
+            temperature=config.rollout.temperature, output_dir=str(output / "trl"), dtype=config.policy.dtype,
+            seed=config.run.seed,
         )
-        report["baseline"] = {"name": "trl", "version": trl_version(), "iteration_seconds": statistics.median(seconds[1:]),
-                              "all_iteration_seconds": seconds}
+        report["baseline"] = {"name": "trl", "version": trl_version(), "dtype": config.policy.dtype,
+                              "iteration_seconds": statistics.median(seconds[1:]), "all_iteration_seconds": seconds}
         report["ratio_vs_baseline"] = report["iteration_seconds"] / report["baseline"]["iteration_seconds"]
 
     (output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -251,7 +252,8 @@ def table(report: dict[str, Any]) -> str:
     ]
     if report["baseline"]:
         baseline = report["baseline"]
-        lines.append(f"{baseline['name']} {baseline['version']}: {baseline['iteration_seconds']:.3f} s per iteration; "
+        lines.append(f"{baseline['name']} {baseline['version']} ({baseline['dtype']}): "
+                     f"{baseline['iteration_seconds']:.3f} s per iteration; "
                      f"ratio_vs_baseline (relay / {baseline['name']}): {report['ratio_vs_baseline']:.2f}")
     return "\n".join(lines)
 

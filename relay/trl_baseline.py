@@ -1,11 +1,14 @@
 """TRL's PPO trainer as a speed baseline: seconds per PPO iteration on the work relay's benchmark does.
 
-What is compared: TRL's `trl.experimental.ppo.PPOTrainer` (TRL 0.29), in this one process, float32 on CPU, given
+What is compared: TRL's `trl.experimental.ppo.PPOTrainer` (TRL 0.29), in this one process on CPU, given
 the same policy checkpoint and prompts as relay, with a reference (a copy of the policy), a reward model, and a
 value model started from the reward model (`AutoModelForSequenceClassification`, one label, as TRL's examples do).
 One iteration is one TRL update: `samples_per_iteration` prompts, one response each (TRL samples one per prompt),
 generated with transformers' `generate` at `temperature`; the reference, value and reward passes; GAE; then `epochs`
 PPO epochs of `mini_batches` mini-batches in micro-batches of `micro_batch_size`.
+
+In `dtype` "bfloat16", every model is loaded in bfloat16 and trained with `bf16=True` (accelerate's autocast), as TRL's
+own PPO script does given `--dtype bfloat16 --bf16`; in "float32", everything is float32.
 
 Every response is exactly `response_length` tokens: with neither `stop_token` nor `stop_token_id` set, TRL sets the
 policy's `generation_config.eos_token_id` to None and generates with `max_new_tokens=response_length` and no EOS, so
@@ -70,6 +73,7 @@ def trl_seconds_per_iteration(
     learning_rate: float,
     temperature: float,
     output_dir: str,
+    dtype: str = "float32",
     seed: int = 0,
 ) -> list[float]:
     """Run `iterations` iterations of TRL's PPO and return the wall seconds of each (the first is warm-up)."""
@@ -94,6 +98,8 @@ def trl_seconds_per_iteration(
     if mini_batches != 1:
         raise ValueError("TRL steps its optimizer once per PPO epoch, not once per mini-batch: only mini_batches=1 "
                          "is the same work as relay's")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     if samples_per_iteration % micro_batch_size:
         raise ValueError(f"samples_per_iteration {samples_per_iteration} is not a multiple of "
                          f"micro_batch_size {micro_batch_size}")
@@ -108,11 +114,12 @@ def trl_seconds_per_iteration(
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model
     try:
-        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
+        torch_dtype = getattr(torch, dtype)
+        policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch_dtype)
         value_model = AutoModelForSequenceClassification.from_pretrained(
-            reward_model_path, num_labels=1, dtype=torch.float32)
+            reward_model_path, num_labels=1, dtype=torch_dtype)
         reward_model = AutoModelForSequenceClassification.from_pretrained(
-            reward_model_path, num_labels=1, dtype=torch.float32)
+            reward_model_path, num_labels=1, dtype=torch_dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -121,7 +128,7 @@ def trl_seconds_per_iteration(
     config = PPOConfig(
         output_dir=output_dir,
         use_cpu=True,
-        bf16=False,
+        bf16=dtype == "bfloat16",
         fp16=False,
         gradient_checkpointing=False,
         seed=seed,

@@ -42,6 +42,7 @@ def test_bench_reports_every_phase_its_raw_passes_and_trl_on_the_same_work(tmp_p
     assert set(written["raw_passes"]) == {"generate", "policy_score", "reference_score", "reward_score",
                                           "critic_score", "critic_train", "policy_train"}
     assert written["baseline"]["name"] == "trl" and written["baseline"]["version"] == "0.29.0"
+    assert written["baseline"]["dtype"] == "bfloat16"  # the policy's, as bench-cpu.yaml sets it
     assert written["ratio_vs_baseline"] == pytest.approx(
         written["iteration_seconds"] / written["baseline"]["iteration_seconds"])
     assert {"policy", "critic", "reference", "reward", "rollout"} <= set(written["peak_memory_mib"])

@@ -26,7 +26,7 @@ from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet
 from jobs.common import connect_ray, policy_path, resolve_model_path, run_directory
-from jobs.ppo import PPOTrainer, latest_checkpoint
+from jobs.ppo import DriverState, PPOTrainer, latest_checkpoint
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig, load_config
 from relay.evaluation import EvalScorers
@@ -125,7 +125,7 @@ def run_reference(run_dir: Path) -> str:
     if checkpoint is None:
         raise ValueError(f"{run_dir} holds no checkpoint to read the run's reference policy from: name it with "
                          "--against")
-    return json.loads((checkpoint / "driver_state.json").read_text())["reference_model"]
+    return DriverState.read(checkpoint).reference_model
 
 
 def eval_config(config_path: Path, overrides: list[str], first_policy: str, run_dir: Path,
@@ -138,7 +138,7 @@ def eval_config(config_path: Path, overrides: list[str], first_policy: str, run_
              f"run.output_dir={output.parent.resolve() / 'eval-run'}", "run.resume=never"]
     if config.reward.type == "model" and not config.reward.model:
         checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-        trained = checkpoint and json.loads((checkpoint / "driver_state.json").read_text()).get("reward_model")
+        trained = checkpoint and DriverState.read(checkpoint).reward_model
         if not trained:
             raise ValueError(f"reward.model is not set and {run_dir} holds no reward model trained in the run: set "
                              "reward.model=PATH")

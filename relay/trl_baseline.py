@@ -7,8 +7,10 @@ One iteration is one TRL update: `samples_per_iteration` prompts, one response e
 generated with transformers' `generate` at `temperature`; the reference, value and reward passes; GAE; then `epochs`
 PPO epochs of `mini_batches` mini-batches in micro-batches of `micro_batch_size`.
 
-In `dtype` "bfloat16", every model is loaded in bfloat16 and trained with `bf16=True` (accelerate's autocast), as TRL's
-own PPO script does given `--dtype bfloat16 --bf16`; in "float32", everything is float32.
+In `dtype` "bfloat16", every model is loaded in bfloat16 and trained with `bf16=True` (accelerate's autocast). That is
+TRL at its fastest: its own PPO script, given `--bf16`, loads all four models in float32 (it builds the dtype from
+`--dtype` but does not pass it on) and autocasts only the policy and value model, so its reference and reward passes
+run in float32. In "float32", everything is float32.
 
 Every response is exactly `response_length` tokens: with neither `stop_token` nor `stop_token_id` set, TRL sets the
 policy's `generation_config.eos_token_id` to None and generates with `max_new_tokens=response_length` and no EOS, so

@@ -45,7 +45,7 @@ from jobs.ppo import PPOTrainer
 from relay.config import RelayConfig, load_config
 from relay.metrics import read_metrics
 from relay.models import load_tokenizer
-from relay.trl_baseline import trl_seconds_per_iteration, trl_version
+from relay.trl_baseline import check_same_work, trl_seconds_per_iteration, trl_version
 
 # The driver's phases of an iteration, in order (control: requests and scaling; accounting: the roles' usage);
 # what is left of the iteration, unmeasured, is "other" (the statistics, mostly).
@@ -81,6 +81,9 @@ def bench(config_path: Path, overrides: list[str], iterations: int, output: Path
     policy_path, reward_path = prepare_models(load_config(config_path, run_overrides), output)
     config = load_config(config_path, [*run_overrides, "tiny_model=null", f"policy.model={policy_path}",
                                        *([f"reward.model={reward_path}"] if reward_path else [])])
+    if vs == "trl":  # before relay's run, not after it
+        check_same_work(samples_per_iteration=config.samples_per_iteration, mini_batches=config.algorithm.mini_batches,
+                        micro_batch_size=config.policy.micro_batch_size, dtype=config.policy.dtype)
 
     summary = run_relay(config)
     rows = read_metrics(run_dir / "metrics.jsonl")[1:]  # the first iteration warms up

@@ -61,6 +61,18 @@ def trl_version() -> str:
     return trl.__version__
 
 
+def check_same_work(*, samples_per_iteration: int, mini_batches: int, micro_batch_size: int, dtype: str) -> None:
+    """Whether TRL can run the same work as relay in this setting: raises ValueError, naming what cannot be."""
+    if mini_batches != 1:
+        raise ValueError("TRL steps its optimizer once per PPO epoch, not once per mini-batch: only mini_batches=1 "
+                         "is the same work as relay's")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"TRL runs in float32 or bfloat16, not the policy's dtype {dtype!r}")
+    if samples_per_iteration % micro_batch_size:
+        raise ValueError(f"samples_per_iteration {samples_per_iteration} is not a multiple of "
+                         f"micro_batch_size {micro_batch_size}")
+
+
 def trl_seconds_per_iteration(
     policy_path: str,
     reward_model_path: str,
@@ -97,14 +109,8 @@ def trl_seconds_per_iteration(
     if len(prompts) < samples_per_iteration:
         raise ValueError(f"TRL samples one response per prompt: {samples_per_iteration} samples per iteration "
                          f"need at least as many prompts, got {len(prompts)}")
-    if mini_batches != 1:
-        raise ValueError("TRL steps its optimizer once per PPO epoch, not once per mini-batch: only mini_batches=1 "
-                         "is the same work as relay's")
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
-    if samples_per_iteration % micro_batch_size:
-        raise ValueError(f"samples_per_iteration {samples_per_iteration} is not a multiple of "
-                         f"micro_batch_size {micro_batch_size}")
+    check_same_work(samples_per_iteration=samples_per_iteration, mini_batches=mini_batches,
+                    micro_batch_size=micro_batch_size, dtype=dtype)
 
     tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     if tokenizer.pad_token is None:

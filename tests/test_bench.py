@@ -53,3 +53,16 @@ def test_bench_reports_every_phase_its_raw_passes_and_trl_on_the_same_work(tmp_p
     # Every sample had exactly rollout.max_new_tokens tokens: both sides did the same work.
     rows = [json.loads(line) for line in (output / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["response/length_mean"] == 16 for row in rows)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("policy.dtype=float16", "float32 or bfloat16"),
+    ("algorithm.mini_batches=2 algorithm.reuse_scoring_forward=false policy.micro_batch_size=32 "
+     "critic.micro_batch_size=32", "mini_batches=1"),
+])
+def test_a_setting_trl_cannot_run_is_refused_before_relays_run(tmp_path, setting, message):
+    overrides = ["tiny_model.hidden_size=64", "tiny_model.num_layers=1", "tiny_model.num_heads=1",
+                 "tiny_model.intermediate_size=128", f"reward.model={tmp_path / 'reward_model'}", *setting.split()]
+    with pytest.raises(ValueError, match=message):
+        bench(BENCH_CONFIG, overrides, iterations=1, output=tmp_path / "bench", vs="trl")
+    assert not (tmp_path / "bench" / "run" / "metrics.jsonl").exists()  # relay never ran

@@ -97,7 +97,6 @@ class DriverState:
 class GeneratedAhead:
     """The next iteration's batch, generating while this one is scored and trained (rollout.generate_ahead)."""
 
-    iteration: int
     batch: Future[tuple[RolloutBatch, float]]  # and the seconds its generation took
     data_position: tuple[int, int]  # (data_epoch, data_cursor) before its prompts were drawn: what a checkpoint keeps
 
@@ -279,7 +278,7 @@ class PPOTrainer:
         #      starts now, on the engines' current weights, while this one scores and trains.
         with phase("generate", metrics):
             ahead, self.ahead = self.ahead, None
-            if ahead is not None and ahead.iteration == iteration:
+            if ahead is not None:  # started by the last iteration (a restart drops it: shutdown_roles)
                 batch, generate_seconds = ahead.batch.result()
                 raw_rewards = None
             else:
@@ -438,7 +437,7 @@ class PPOTrainer:
             batch = self.generate(prompts, self.config.rollout.samples_per_prompt, self.config.run.seed, iteration)
             return batch, time.monotonic() - started
 
-        return GeneratedAhead(iteration, self.generator_thread.submit(generate), position)
+        return GeneratedAhead(self.generator_thread.submit(generate), position)
 
     def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int,
                  round_index: int = 0) -> RolloutBatch:

@@ -10,7 +10,7 @@ tensors. Under ZeRO-3 every collective must run on every rank: all methods here 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -20,6 +20,7 @@ from actors.usage import Usage
 from relay import ppo
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
+from relay.losses import Objective, policy_objective, value_objective
 from relay.models import add_lora, load_tokenizer, response_logits, response_values, score_in_micro_batches
 from relay.zero import (
     deepspeed_config,
@@ -43,6 +44,27 @@ class GatherSummary:
     buckets: int
     bytes: int
     seconds: float
+
+
+@dataclass
+class _Tally:
+    """A train call's figures: each mini-batch's (the sum of its micro-batches' shares), added over its steps."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    nonfinite_losses: int = 0
+    skipped_steps: int = 0
+
+    def add(self, figures: dict[str, torch.Tensor], world_size: int) -> None:
+        # A rank's shares add up to its part of the mini-batch's figure; times the world size, the driver's mean
+        # over the ranks is the mini-batch's figure.
+        for name, value in figures.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value.item() * world_size
+
+    def means(self, role: Role, steps: int) -> dict[str, float]:
+        """Each figure's mean over the optimizer steps (the mini-batches of every epoch), and the skip counts."""
+        return {name: total / steps for name, total in self.totals.items()} | {
+            f"losses/{role}_nonfinite": float(self.nonfinite_losses),
+            f"losses/{role}_skipped_steps": float(self.skipped_steps)}
 
 
 class Learner(Usage):
@@ -151,45 +173,60 @@ class Learner(Usage):
             kept = None  # scored another batch: forward again
         generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
         mini_batch_rows = len(shard) // self.algorithm.mini_batches  # the config checks that both divide evenly
-        totals: dict[str, float] = {}
-        count = skipped_micro_batches = skipped_steps = 0
+        tally = _Tally()
         for epoch in range(self.algorithm.epochs):
-            for mini_batch in torch.randperm(len(shard), generator=generator).split(mini_batch_rows):
-                # The scoring pass's micro-batches and outputs (the whole batch, as the one mini-batch).
-                reused = kept[1] if kept is not None and epoch == 0 else None
-                micro_batches = [rows for rows, _ in reused] if reused else mini_batch.split(self.section.micro_batch_size)
-                for position, rows in enumerate(micro_batches):
-                    output = reused[position][1] if reused else None
-                    loss, stats, output = self._loss(shard.select(rows).to(self.device), output)
-                    if not torch.isfinite(loss):
-                        # Nothing trains on a non-finite loss: this micro-batch's gradient is exactly zero (through
-                        # the finite model output, so every rank and ZeRO stage keeps its step), and it is counted.
-                        skipped_micro_batches += 1
-                        self._count_nonfinite("a non-finite loss")
-                        loss, stats = (output * 0.0).sum(), {}
-                    self.engine.backward(loss)
-                    # DeepSpeed counts micro-steps itself and updates at its accumulation boundary: that must be
-                    # this mini-batch's last micro-batch, or gradients would leak into the next step (or iteration).
-                    boundary = position == len(micro_batches) - 1
-                    if self.engine.is_gradient_accumulation_boundary() != boundary:
-                        raise RuntimeError(
-                            f"{self.role} learner: DeepSpeed's accumulation boundary is out of step with mini-batch "
-                            f"of {len(micro_batches)} micro-batches at micro-batch {position}"
-                        )
-                    self.engine.step()
-                    if boundary and not self.engine.was_step_applied():
-                        # A finite loss can still give a non-finite gradient. ZeRO computes the global gradient norm
-                        # (over all ranks) before it steps and drops the step and its gradients when the norm is
-                        # not finite, on every rank alike: the weights and optimizer state stay as they were.
-                        skipped_steps += 1
-                        self._count_nonfinite("a non-finite gradient")
-                    for name, value in stats.items():
-                        totals[name] = totals.get(name, 0.0) + value
-                    count += bool(stats)
-        means = {name: total / count for name, total in totals.items()}
-        return means | {f"losses/{self.role}_nonfinite": float(skipped_micro_batches),
-                        f"losses/{self.role}_skipped_steps": float(skipped_steps),
-                        f"{self.role}/lr": self.engine.get_lr()[0]}
+            order = torch.randperm(len(shard), generator=generator).split(mini_batch_rows)
+            # The scoring pass's micro-batches and outputs (the whole batch, as the one mini-batch).
+            reused = kept[1] if kept is not None and epoch == 0 else None
+            mini_batches = ([[rows for rows, _ in reused]] if reused
+                            else [mini_batch.split(self.section.micro_batch_size) for mini_batch in order])
+            for micro_batches, counts in zip(mini_batches, self._count(shard, mini_batches), strict=True):
+                outputs = [output for _, output in reused] if reused else [None] * len(micro_batches)
+                self._step(shard, micro_batches, outputs, counts, tally)
+        return tally.means(self.role, steps=self.algorithm.epochs * len(mini_batches)) | {
+            f"{self.role}/lr": self.engine.get_lr()[0]}
+
+    def _count(self, shard: RolloutBatch, mini_batches: list[list[torch.Tensor]]) -> list[ppo.LossCounts]:
+        """Each mini-batch's real tokens and sequences over all ranks (one all-reduce for the epoch's mini-batches):
+        what every loss of its micro-batches is divided by (relay.losses)."""
+        local = torch.tensor([[float(shard.response_mask[torch.cat(rows)].sum()), float(sum(map(len, rows)))]
+                              for rows in mini_batches], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(local)
+        return [ppo.LossCounts(tokens=tokens, sequences=sequences) for tokens, sequences in local.tolist()]
+
+    def _step(self, shard: RolloutBatch, micro_batches: list[torch.Tensor], outputs: list[torch.Tensor | None],
+              counts: ppo.LossCounts, tally: _Tally) -> None:
+        """One optimizer step on one mini-batch, its gradient accumulated over `micro_batches`."""
+        for position, (rows, output) in enumerate(zip(micro_batches, outputs, strict=True)):
+            objective, output = self._loss(shard.select(rows).to(self.device), counts, output)
+            loss = objective.loss
+            if not torch.isfinite(loss):
+                # Nothing trains on a non-finite loss: this micro-batch's gradient is exactly zero (through
+                # the finite model output, so every rank and ZeRO stage keeps its step), and it is counted.
+                tally.nonfinite_losses += 1
+                self._count_nonfinite("a non-finite loss")
+                loss = (output * 0.0).sum()
+            else:
+                tally.add(objective.figures, self.world_size)
+            # The loss is this micro-batch's share of the mini-batch's: DeepSpeed's division by the accumulation
+            # steps is switched off and its average over the ranks undone, so the shares' gradients add up.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            # DeepSpeed counts micro-steps itself and updates at its accumulation boundary: that must be
+            # this mini-batch's last micro-batch, or gradients would leak into the next step (or iteration).
+            boundary = position == len(micro_batches) - 1
+            if self.engine.is_gradient_accumulation_boundary() != boundary:
+                raise RuntimeError(
+                    f"{self.role} learner: DeepSpeed's accumulation boundary is out of step with mini-batch "
+                    f"of {len(micro_batches)} micro-batches at micro-batch {position}"
+                )
+            self.engine.step()
+            if boundary and not self.engine.was_step_applied():
+                # A finite loss can still give a non-finite gradient. ZeRO computes the global gradient norm
+                # (over all ranks) before it steps and drops the step and its gradients when the norm is
+                # not finite, on every rank alike: the weights and optimizer state stay as they were.
+                tally.skipped_steps += 1
+                self._count_nonfinite("a non-finite gradient")
 
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_count += 1
@@ -198,38 +235,14 @@ class Learner(Usage):
                                 f"non-finite losses or gradients, more than run.max_nonfinite_steps="
                                 f"{self.max_nonfinite}")
 
-    def _loss(self, part: RolloutBatch, output: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        """(loss, its statistics, the model output it came from: `output` when given, else a forward pass)."""
-        mask = part.response_mask
+    def _loss(self, part: RolloutBatch, counts: ppo.LossCounts, output: torch.Tensor | None = None
+              ) -> tuple[Objective, torch.Tensor]:
+        """(the objective on `part`, a micro-batch of the mini-batch of `counts`; the model output it came from:
+        `output` when given, else a forward pass)."""
+        output = self._forward(part) if output is None else output
         if self.role == "policy":
-            logits = self._forward(part) if output is None else output
-            logprobs = ppo.token_logprobs(logits, part.response_ids)
-            algorithm = self.algorithm
-            surrogate, stats = ppo.policy_loss(logprobs, part.old_logprobs, part.advantages, mask,
-                                               algorithm.clip_ratio, algorithm.loss_aggregation, part.behavior_weights)
-            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), mask)
-            loss = surrogate - algorithm.entropy_coef * entropy if algorithm.entropy_coef else surrogate
-            extra = {}
-            if algorithm.kl_placement == "loss":
-                kl = ppo.kl_loss(logprobs, part.ref_logprobs, mask, algorithm.kl_estimator, algorithm.loss_aggregation)
-                loss = loss + algorithm.kl_coef * kl
-                extra["losses/kl_ref"] = kl.item()
-            return loss, {
-                "losses/policy": surrogate.item(),  # the clipped surrogate alone, without entropy bonus or KL term
-                "losses/policy_total": loss.item(),
-                "losses/approx_kl": stats.approx_kl.item(),
-                "losses/clipfrac": stats.clipfrac.item(),
-                "policy/entropy": entropy.item(),
-                **extra,
-            }, logits
-        values = self._forward(part) if output is None else output
-        loss, value_stats = ppo.value_loss(values, part.values, part.returns, mask, self.algorithm.value_clip)
-        return loss, {
-            "losses/value": loss.item(),
-            "critic/value_clipfrac": value_stats.clipfrac.item(),
-            "critic/value_error": ppo.masked_mean((values.detach() - part.returns) ** 2, mask).item(),
-        }, values
+            return policy_objective(output, part, self.algorithm, counts), output
+        return value_objective(output, part, self.algorithm, counts), output
 
     def local_parameter_count(self) -> int:
         """Parameter elements this rank holds (under ZeRO-3 its partition only)."""

@@ -235,17 +235,40 @@ def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
 LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 
 
-def aggregate(values: Tensor, response_mask: Tensor, mode: LossAggregation) -> Tensor:
-    """A per-token loss [B, L] as one number, over real tokens:
-    token_mean: the mean over every real token of the batch (long responses weigh more);
-    seq_mean_token_sum: the mean over sequences of each sequence's sum (Dr. GRPO's unbiased form);
-    seq_mean_token_mean: the mean over sequences of each sequence's mean (each sequence weighs the same).
+@dataclass(frozen=True)
+class LossCounts:
+    """What a mini-batch's losses are divided by: its real tokens and its sequences, counted over all of it.
+
+    A mini-batch is trained in micro-batches (for memory) on several ranks (data parallel); a loss divided by
+    one micro-batch's own count would change with the micro-batch size and the number of ranks. The learner
+    counts the whole mini-batch once (an all-reduce) and every micro-batch divides its sum by that.
     """
+
+    tokens: float  # real response tokens of the whole mini-batch
+    sequences: float  # its rows
+
+    @classmethod
+    def of(cls, response_mask: Tensor) -> LossCounts:
+        """The counts of one batch [B, L] taken as the whole mini-batch."""
+        return cls(tokens=float(response_mask.float().sum()), sequences=float(response_mask.shape[0]))
+
+
+def aggregate(values: Tensor, response_mask: Tensor, mode: LossAggregation, counts: LossCounts | None = None
+              ) -> Tensor:
+    """A per-token loss [B, L] as this batch's share of one number over the mini-batch that `counts` describes
+    (this batch alone when None), real tokens only. Over the whole mini-batch, with T its real tokens, S its
+    sequences and |s| the real tokens of sequence s:
+    token_mean: sum over every real token / T (each token weighs the same: long responses weigh more);
+    seq_mean_token_sum: sum over every real token / S (Dr. GRPO's form, free of the length bias);
+    seq_mean_token_mean: sum over sequences of (the sequence's sum / |s|) / S (each sequence weighs the same).
+    The shares of the micro-batches of a mini-batch add up to the mini-batch's value exactly.
+    """
+    counts = counts or LossCounts.of(response_mask)
     if mode == "token_mean":
-        return masked_mean(values, response_mask)
+        return masked_sum(values, response_mask) / max(counts.tokens, 1.0)
     per_sequence = (masked_sum(values, response_mask, dim=1) if mode == "seq_mean_token_sum"
                     else masked_mean(values, response_mask, dim=1))
-    return per_sequence.mean()
+    return per_sequence.sum() / max(counts.sequences, 1.0)
 
 
 @dataclass(frozen=True)
@@ -276,16 +299,18 @@ def policy_loss(
     clip_ratio: float,
     aggregation: LossAggregation = "token_mean",
     weights: Tensor | None = None,
+    counts: LossCounts | None = None,
 ) -> tuple[Tensor, PolicyLossStats]:
     """PPO clipped surrogate loss (to minimise), aggregated over real tokens.
 
     logprobs, old_logprobs, advantages, response_mask [B, L] -> (loss [], stats).
     With r = exp(logprobs - old_logprobs):
-    loss = aggregate(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio))), token_mean by default;
+    loss = aggregate(max(-A * r, -A * clip(r, 1 - clip_ratio, 1 + clip_ratio)), counts), token_mean by default;
     with `weights` [B, L] (detached: `behavior_weights` for samples of an older policy), each token's term is
-    multiplied by its weight first.
-    clipfrac is the fraction of real tokens where the clipped term is the larger one;
-    approx_kl = masked_mean(0.5 * (logprobs - old_logprobs)**2).
+    multiplied by its weight first. `counts`: the mini-batch this batch is a part of (see `aggregate`); the stats
+    are this batch's shares of the mini-batch's token means too:
+    clipfrac, the fraction of real tokens where the clipped term is the larger one;
+    approx_kl, the token mean of 0.5 * (logprobs - old_logprobs)**2.
     """
     advantages = zero_padding(advantages, response_mask)
     log_ratio = zero_padding(logprobs.float() - old_logprobs.float(), response_mask)  # exp() of padding stays 1
@@ -293,24 +318,25 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
     per_token = torch.maximum(unclipped, clipped)
-    loss = aggregate(per_token if weights is None else per_token * weights.detach(), response_mask, aggregation)
+    loss = aggregate(per_token if weights is None else per_token * weights.detach(), response_mask, aggregation,
+                     counts)
     with torch.no_grad():
         stats = PolicyLossStats(
-            clipfrac=masked_mean((clipped > unclipped).float(), response_mask),
-            approx_kl=masked_mean(0.5 * log_ratio**2, response_mask),
+            clipfrac=aggregate((clipped > unclipped).float(), response_mask, "token_mean", counts),
+            approx_kl=aggregate(0.5 * log_ratio**2, response_mask, "token_mean", counts),
         )
     return loss, stats
 
 
 def kl_loss(logprobs: Tensor, ref_logprobs: Tensor, response_mask: Tensor, estimator: KLEstimator,
-            aggregation: LossAggregation = "token_mean") -> Tensor:
+            aggregation: LossAggregation = "token_mean", counts: LossCounts | None = None) -> Tensor:
     """KL(policy || reference) as a loss term (GRPO's placement, instead of a penalty in the reward).
 
     logprobs, ref_logprobs, response_mask [B, L] -> []. Use k3 or k2: k1's gradient, log_ratio's, has zero mean
     under the policy's own samples, so as a loss it does not pull towards the reference.
     """
     return aggregate(kl_penalty(zero_padding(logprobs, response_mask), zero_padding(ref_logprobs, response_mask),
-                                estimator), response_mask, aggregation)
+                                estimator), response_mask, aggregation, counts)
 
 
 @dataclass(frozen=True)
@@ -326,26 +352,28 @@ def value_loss(
     returns: Tensor,
     response_mask: Tensor,
     clip_range: float | None,
+    counts: LossCounts | None = None,
 ) -> tuple[Tensor, ValueLossStats]:
-    """Critic loss, optionally with PPO-style value clipping, averaged over real tokens.
+    """Critic loss, optionally with PPO-style value clipping, the token mean over the mini-batch of `counts`
+    (this batch when None; see `aggregate`).
 
     values, old_values, returns, response_mask [B, L] -> (loss [], stats).
     With v_clipped = old_values + clamp(values - old_values, -clip_range, clip_range):
-    loss = 0.5 * masked_mean(max((values - returns)**2, (v_clipped - returns)**2)).
-    With clip_range None: loss = 0.5 * masked_mean((values - returns)**2) and clipfrac 0.
+    loss = 0.5 * token_mean(max((values - returns)**2, (v_clipped - returns)**2)).
+    With clip_range None: loss = 0.5 * token_mean((values - returns)**2) and clipfrac 0.
     """
     values = zero_padding(values, response_mask)
     returns = zero_padding(returns, response_mask)
     unclipped = (values - returns) ** 2
     if clip_range is None:
-        loss = 0.5 * masked_mean(unclipped, response_mask)
+        loss = 0.5 * aggregate(unclipped, response_mask, "token_mean", counts)
         return loss, ValueLossStats(clipfrac=torch.zeros((), device=values.device))
     old_values = zero_padding(old_values, response_mask)
     values_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    loss = 0.5 * aggregate(torch.maximum(unclipped, clipped), response_mask, "token_mean", counts)
     with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).float(), response_mask)
+        clipfrac = aggregate((clipped > unclipped).float(), response_mask, "token_mean", counts)
     return loss, ValueLossStats(clipfrac=clipfrac)
 
 

@@ -95,8 +95,12 @@ def test_a_finite_loss_with_a_non_finite_gradient_changes_nothing_and_is_counted
     assert before is not None
 
     loss = learner._loss
-    learner._loss = lambda part, output=None: (
-        lambda value, stats, output: (nan_gradient(value, output), stats, output))(*loss(part, output))
+
+    def loss_with_a_nan_gradient(part, counts, output=None):
+        objective, output = loss(part, counts, output)
+        return replace(objective, loss=nan_gradient(objective.loss, output)), output
+
+    learner._loss = loss_with_a_nan_gradient
     stats = learner.train(batch, iteration=1)
     # Two mini-batches, two optimizer steps, both dropped; every loss was finite, so none was zeroed.
     assert stats["losses/policy_skipped_steps"] == 2.0 and stats["losses/policy_nonfinite"] == 0.0
@@ -142,6 +146,13 @@ def test_the_scoring_forward_reused_for_training_gives_the_same_scores_and_updat
     # Equal but for summation order (the rows of the one micro-batch come in another order).
     assert all(torch.allclose(weights[True][name], weights[False][name], atol=1e-5) for name in weights[True])
 
-    # A train call for a batch the learner did not score forwards again rather than reuse a stale graph.
-    learners[True].score(synthetic_batch(tiny_run_config(tmp_path), 7))
-    learners[True].train(batch, iteration=2)
+    # A train call for a batch the learner did not score forwards again rather than reuse a stale graph: it trains
+    # on `batch` as the learner that never keeps a graph does (a stale graph would give the other batch's loss).
+    for learner in learners.values():
+        learner.score(synthetic_batch(tiny_run_config(tmp_path), 7))
+    assert learners[True]._kept is not None
+    stats = {reuse: learner.train(batch, iteration=2) for reuse, learner in learners.items()}
+    assert learners[True]._kept is None
+    assert stats[True][loss] == pytest.approx(stats[False][loss], rel=1e-5)
+    weights = {reuse: full_state_dict(learner.engine.module, 2, rank=0) for reuse, learner in learners.items()}
+    assert all(torch.allclose(weights[True][name], weights[False][name], atol=1e-5) for name in weights[True])

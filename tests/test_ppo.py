@@ -442,3 +442,19 @@ def test_kl_loss_is_k3_aggregated_and_pulls_towards_the_reference():
     loss.backward()
     # d/dr (exp(-r) - 1 + r) = 1 - exp(-r): 0 at r = 0, 1 - e < 0 at r = -1: gradient descent raises logprobs[1]
     assert logprobs.grad[0].tolist() == pytest.approx([0.0, (1 - math.e) / 2])
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+def test_micro_batch_shares_add_up_to_the_mini_batch_loss(mode):
+    # Rows of 2, 1, 3 and 1 real tokens. Each micro-batch's loss divided by its own count (what relay did) would
+    # give for token_mean (1+3)/2 and (4+5+6+7)/4 and a mean of 4.75, against (1+3+4+5+6+7)/6 = 26/6 for the whole.
+    values = torch.tensor([[1.0, 3.0, 0.0], [4.0, 0.0, 0.0], [5.0, 6.0, 7.0], [8.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    counts = ppo.LossCounts.of(mask)
+    assert (counts.tokens, counts.sequences) == (7.0, 4.0)
+    whole = ppo.aggregate(values, mask, mode)
+    expected = {"token_mean": 34 / 7, "seq_mean_token_sum": 34 / 4, "seq_mean_token_mean": (2 + 4 + 6 + 8) / 4}[mode]
+    assert whole.item() == pytest.approx(expected)
+    for split in ([1, 1, 1, 1], [2, 2], [1, 3]):
+        shares = [ppo.aggregate(v, m, mode, counts) for v, m in zip(values.split(split), mask.split(split))]
+        assert sum(shares).item() == pytest.approx(whole.item())

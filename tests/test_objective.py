@@ -1,0 +1,124 @@
+"""The objective does not depend on memory knobs: one optimizer step on a mini-batch of responses of uneven lengths
+moves the weights the same, to float noise, whatever the micro-batch size (1, 2, the whole mini-batch) and the
+number of ranks (1, 2), under ZeRO-2 and ZeRO-3, for each algorithm.loss_aggregation, policy and critic.
+
+Each world runs in processes of its own (torch.multiprocessing, gloo), no Ray: a learner per setting, one train call
+each, rank 0's weights after it written for the comparison. Adam's first step moves a weight by about the learning
+rate in the direction of its gradient's sign, so an objective that differs anywhere shows as a difference of the
+order of the learning rate (micro-batch means, as relay had them: 2.0e-4 at lr 1e-4, in every case), and float noise
+as one far below it (measured: at most 2.2e-6; Adam divides a near-zero gradient's noise by its near-zero size)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from relay.batch import RolloutBatch
+from relay.config import RelayConfig
+from tests.conftest import tiny_run_config
+
+pytestmark = pytest.mark.slow  # DeepSpeed engines in processes of their own
+
+AGGREGATIONS = ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
+ROLES = ["policy", "critic"]
+STAGES = [2, 3]
+ROWS = 16  # one mini-batch: data.prompts_per_iteration 8 × rollout.samples_per_prompt 2
+LEARNING_RATE = 1e-4
+TOLERANCE = 0.05 * LEARNING_RATE
+# Every term of both objectives takes part: the KL as a loss term and the entropy bonus besides the surrogate.
+SETTINGS = ["algorithm.epochs=1", "algorithm.mini_batches=1", "algorithm.kl_placement=loss",
+            "algorithm.kl_estimator=k3", "algorithm.entropy_coef=0.01", "policy.dropout=false",
+            f"policy.learning_rate={LEARNING_RATE}", f"critic.learning_rate={LEARNING_RATE}",
+            "policy.zero3_persistence_threshold=0", "critic.zero3_persistence_threshold=0"]
+
+
+def uneven_batch(vocab_size: int) -> RolloutBatch:
+    """ROWS responses of 1 to 12 real tokens, every field either objective reads."""
+    generator = torch.Generator().manual_seed(0)
+    prompt_length, response_length = 5, 12
+    lengths = torch.randint(1, response_length + 1, (ROWS,), generator=generator)
+    lengths[0], lengths[1] = 1, response_length  # the extremes, where the aggregations differ most
+    response_mask = (torch.arange(response_length) < lengths.unsqueeze(1)).float()
+    returns = torch.randn(ROWS, response_length, generator=generator)
+    return RolloutBatch(
+        query_ids=torch.randint(4, vocab_size, (ROWS, prompt_length), generator=generator),
+        query_mask=torch.ones(ROWS, prompt_length),
+        response_ids=torch.randint(4, vocab_size, (ROWS, response_length), generator=generator),
+        response_mask=response_mask,
+        sampler_logprobs=torch.full((ROWS, response_length), -3.0),
+        prompts=[""] * ROWS, responses=[""] * ROWS, metadata=[{}] * ROWS, policy_version=0,
+        old_logprobs=-3.0 + 0.1 * torch.randn(ROWS, response_length, generator=generator),
+        ref_logprobs=-3.0 + 0.1 * torch.randn(ROWS, response_length, generator=generator),
+        advantages=torch.randn(ROWS, response_length, generator=generator),
+        values=returns + 0.3 * torch.randn(ROWS, response_length, generator=generator),
+        returns=returns,
+    )
+
+
+def config_for(tmp_path: Path, role: str, stage: int, aggregation: str, micro: int, world_size: int) -> RelayConfig:
+    return tiny_run_config(tmp_path / "config", *SETTINGS, f"{role}.zero_stage={stage}", f"{role}.micro_batch_size={micro}",
+                           f"algorithm.loss_aggregation={aggregation}",
+                           f"{role}.resources.cpu_ranks_per_node={world_size}")
+
+
+def world(rank: int, world_size: int, port: int, model_path: str, tmp_path: Path,
+          cases: list[tuple[str, int, str, int]]) -> None:
+    """One rank of a world: a learner per case (role, stage, aggregation, micro-batch size), one step each."""
+    from actors.learner import Learner
+    from relay.zero import full_state_dict
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    for role, stage, aggregation, micro in cases:
+        config = config_for(tmp_path, role, stage, aggregation, micro, world_size)
+        learner = Learner(role, config, model_path, rank=rank, world_size=world_size)
+        learner.train(uneven_batch(learner.tokenizer.vocab_size), iteration=1)
+        weights = full_state_dict(learner.engine.module, stage, rank)
+        if rank == 0:
+            torch.save(weights, tmp_path / f"{role}-{stage}-{aggregation}-{micro}-{world_size}.pt")
+        learner.engine.destroy()
+
+
+def run_world(world_size: int, model_path: Path, tmp_path: Path, cases: list[tuple[str, int, str, int]]) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(world, args=(world_size, port, str(model_path), tmp_path, cases), nprocs=world_size)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory) -> Path:
+    """Weights after one step for every case, in files named role-stage-aggregation-micro-world."""
+    tmp_path = tmp_path_factory.mktemp("objective")
+    run_world(1, tiny_model, tmp_path, list(itertools.product(ROLES, STAGES, AGGREGATIONS, [1, 2, ROWS])))
+    run_world(2, tiny_model, tmp_path, list(itertools.product(ROLES, STAGES, AGGREGATIONS, [1, 2, ROWS // 2])))
+    return tmp_path
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_one_step_is_the_same_whatever_the_micro_batch_size_and_the_ranks(trained, tiny_model, role, aggregation):
+    for stage in STAGES:
+        # The reference: the whole mini-batch in one micro-batch on one rank.
+        whole = torch.load(trained / f"{role}-{stage}-{aggregation}-{ROWS}-1.pt", weights_only=True)
+        for micro, world_size in [(1, 1), (2, 1), (1, 2), (2, 2), (ROWS // 2, 2)]:
+            other = torch.load(trained / f"{role}-{stage}-{aggregation}-{micro}-{world_size}.pt", weights_only=True)
+            worst = max((other[name] - whole[name]).abs().max().item() for name in whole)
+            assert worst < TOLERANCE, (
+                f"ZeRO-{stage}, micro_batch_size {micro}, {world_size} ranks: weights differ from the whole "
+                f"mini-batch's step by up to {worst:.3g} (lr {LEARNING_RATE:g})")
+    # ZeRO-2 and ZeRO-3 take the same step, and it is a step: the weights moved by about the learning rate.
+    zero2, zero3 = (torch.load(trained / f"{role}-{stage}-{aggregation}-{ROWS}-1.pt", weights_only=True)
+                    for stage in STAGES)
+    assert max((zero3[name] - zero2[name]).abs().max().item() for name in zero2) < TOLERANCE
+    initial = load_file(str(tiny_model / "model.safetensors"))
+    moved = max((zero2[name] - initial[name]).abs().max().item() for name in initial if name in zero2)
+    assert 0.5 * LEARNING_RATE < moved < 2 * LEARNING_RATE

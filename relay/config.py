@@ -154,7 +154,7 @@ class RolloutSection(Section):
     dtype: Dtype = "bfloat16"
     samples_per_prompt: int = Field(4, ge=1)
     temperature: float = Field(1.0, gt=0, description="sampling temperature; PPO's ratio assumes 1.0")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="1 only: see RolloutSection._untruncated")
     max_new_tokens: int = Field(256, ge=1)
     ignore_eos: bool = Field(False, description="generate exactly max_new_tokens, past EOS (benchmarks)")
     cpu_threads: int | None = Field(
@@ -175,6 +175,18 @@ class RolloutSection(Section):
         256, gt=0, description="weight sync: the policy goes to the engines in buckets of about this size (a decoder "
         "block is never split)"
     )
+
+
+    @model_validator(mode="after")
+    def _untruncated(self) -> RolloutSection:
+        if self.top_p < 1:
+            # vLLM's sampler log-probs are of the truncated distribution (logprobs_mode processed_logprobs), the
+            # learners' and the reference's of the whole one: the PPO ratio, the KL and the behaviour weights
+            # would all be biased by the truncation.
+            raise ValueError(f"rollout.top_p {self.top_p:g}: PPO needs the learner's log-probs of the distribution "
+                             "that sampled, and relay's learners score the untruncated one; leave top_p at 1 (shape "
+                             "the distribution with rollout.temperature, which both sides apply)")
+        return self
 
 
 class AlgorithmSection(Section):

@@ -35,10 +35,10 @@ def perplexity(logprobs: Tensor, mask: Tensor) -> float:
     return math.exp(-(ppo.masked_sum(logprobs.float(), mask) / tokens).item())
 
 
-def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> float:
-    """KL(policy || reference) per sequence, mean over sequences: the per-token log-ratio (k1, unbiased on samples
-    drawn from the policy) summed over each response — the same number as training's `policy/kl_ref`."""
-    return ppo.masked_sum(ppo.kl_penalty(logprobs, ref_logprobs, "k1"), mask, dim=1).mean().item()
+def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, estimator: ppo.KLEstimator) -> float:
+    """KL(policy || reference) per sequence, mean over sequences: `estimator`'s per-token estimate (the run's
+    algorithm.kl_estimator) summed over each response — the number training logs as `policy/kl_ref`."""
+    return ppo.masked_sum(ppo.kl_penalty(logprobs, ref_logprobs, estimator), mask, dim=1).mean().item()
 
 
 def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float:
@@ -51,8 +51,13 @@ def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU (sacrebleu's defaults: 13a tokenisation, 4-grams, exponential smoothing off), 0-100."""
-    return sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score
+    """Sentence-level BLEU averaged over the samples, 0-100 (sacrebleu's sentence_bleu: 13a tokenisation, n-grams
+    up to 4 but no longer than the sentence, exponential smoothing). Corpus BLEU is 0 whenever the answers are
+    shorter than 4 words, as single-word answers are: no 4-gram can match."""
+    if not hypotheses:
+        raise ValueError("BLEU of no samples")
+    return sum(sacrebleu.sentence_bleu(hypothesis, [reference]).score
+               for hypothesis, reference in zip(hypotheses, references, strict=True)) / len(hypotheses)
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -155,8 +160,8 @@ class Evaluation:
         if scorers.policy_logprobs is not None and scorers.reference_logprobs is not None:
             temperature = config.rollout.temperature  # as sampled: the KL that training's penalty measures
             metrics["eval/kl_ref"] = sequence_kl(scorers.policy_logprobs(batch, temperature),
-                                                           scorers.reference_logprobs(batch, temperature),
-                                                           batch.response_mask)
+                                                 scorers.reference_logprobs(batch, temperature),
+                                                 batch.response_mask, config.algorithm.kl_estimator)
         if scorers.policy_logprobs is not None and self.texts is not None:
             metrics["eval/perplexity"] = perplexity(scorers.policy_logprobs(self.texts, 1.0),
                                                                self.texts.response_mask)

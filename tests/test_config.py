@@ -101,3 +101,12 @@ def test_reusing_the_scoring_forward_needs_one_mini_batch_and_zero_2():
     with pytest.raises(ConfigError, match=r"reuse_scoring_forward needs policy.zero_stage and critic.zero_stage 2"):
         load_config(CONFIGS / "demo.yaml", ["algorithm.reuse_scoring_forward=true", "algorithm.mini_batches=1",
                                             "policy.zero_stage=3"])
+
+
+def test_a_truncated_sampler_is_refused_with_the_reason():
+    # vLLM's log-probs of a top-p sample are of the truncated distribution; the learner's are not (a biased ratio).
+    with pytest.raises(ConfigError, match=r"rollout\.top_p 0\.9: PPO needs the learner's log-probs of the distribution"):
+        load_config(CONFIGS / "demo.yaml", ["rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match=r"rollout\.top_k: unknown key"):
+        load_config(CONFIGS / "demo.yaml", ["rollout.top_k=50"])
+    assert load_config(CONFIGS / "demo.yaml", ["rollout.top_p=1.0"]).rollout.top_p == 1.0

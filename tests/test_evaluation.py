@@ -27,6 +27,8 @@ def test_bleu_and_chrf_of_known_pairs():
     # Matches of 1- to 4-grams: 5/6, 3/5, 2/4, 1/3, the same length (no brevity penalty): their geometric mean.
     assert bleu(["the cat sat on a mat"], ["the cat sat on the mat"]) == pytest.approx(
         100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
+    # Sentence-level and averaged: one-word answers are scored (corpus BLEU would be 0: no 4-gram to match).
+    assert bleu(["51413", "12345"], ["51413", "54321"]) == pytest.approx(50.0)
     # chrF of "ab" against "ac": characters P = R = 1/2, bigrams P = R = 0; averaged 1/4, so F2 = 1/4.
     assert chrf(["ab"], ["ac"]) == pytest.approx(25.0)
     assert chrf(["51413"], ["51413"]) == pytest.approx(100.0)
@@ -42,7 +44,9 @@ def test_sequence_kl_sums_tokens_of_each_response_and_means_over_responses():
     logprobs = torch.tensor([[-1.0, -1.0], [-2.0, float("nan")]])
     reference = torch.tensor([[-2.0, -1.0], [-1.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    assert sequence_kl(logprobs, reference, mask) == pytest.approx((1.0 + -1.0) / 2)
+    assert sequence_kl(logprobs, reference, mask, "k1") == pytest.approx((1.0 + -1.0) / 2)
+    # k3 = exp(-r) - 1 + r of the log-ratios r = 1, 0 and -1: (e^-1 + e - 2) / 2, the same estimator as training's.
+    assert sequence_kl(logprobs, reference, mask, "k3") == pytest.approx((math.exp(-1) + math.e - 2) / 2)
 
 
 def test_early_stopping_on_a_scripted_sequence():
@@ -113,9 +117,15 @@ def test_an_evaluation_reports_every_metric_its_scorers_and_data_allow(tmp_path)
         "eval/win_rate": (1 + 0 + 0.5 + 0.5 + 0 + 1) / 6,
         "eval/kl_ref": 0.5 * batch.response_mask.sum(dim=1).mean().item(),  # 0.5 per token, summed per answer
         "eval/perplexity": 4.0,
-        "eval/bleu": 0.0,  # one-word answers hold no 4-gram: BLEU says nothing about them, chrF does
+        "eval/bleu": 100.0,  # sentence-level: every one-word answer is right
         "eval/chrf": 100.0,
     })
+
+    # eval/kl_ref is the run's own estimator's, as policy/kl_ref is: k3 of the log-ratio 0.5 on each token.
+    k3_config = tiny_run_config(tmp_path, "data.eval_prompts=3", "data.eval_samples_per_prompt=2",
+                                "algorithm.kl_estimator=k3")
+    k3 = Evaluation(k3_config, tokenizer, prompts).run(scorers).metrics["eval/kl_ref"]
+    assert k3 == pytest.approx((math.exp(-0.5) - 1 + 0.5) * batch.response_mask.sum(dim=1).mean().item())
 
     # Without the roles (the base model, before any is placed): only what the driver scores itself.
     assert evaluation.run(EvalScorers(generate=generate, scores=scorers.scores)).metrics.keys() == {

@@ -143,7 +143,7 @@ class Learner(Usage):
 
     def _score(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
         self.engine.eval()
-        shard = batch.shard(self.rank, self.world_size)
+        shard, real_rows = batch.padded_shard(self.rank, self.world_size)  # every rank the same forwards (ZeRO-3)
 
         def score_micro_batch(micro: RolloutBatch) -> torch.Tensor:
             output = self._forward(micro, temperature)
@@ -151,7 +151,7 @@ class Learner(Usage):
                 output = ppo.token_logprobs(output, micro.response_ids.to(self.device))
             return output.cpu()
 
-        return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)
+        return score_in_micro_batches(shard, self.section.micro_batch_size, score_micro_batch)[:real_rows]
 
     def score_reference(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
         """A LoRA policy's reference log-probs [b, Lr] of this rank's shard: its base model, adapters switched off,

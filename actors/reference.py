@@ -25,7 +25,7 @@ class Reference(Usage):
     def score(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
         """Reference log-probs [b, Lr] of this rank's shard of the batch, at the sampler's temperature unless one is
         given."""
-        shard = batch.shard(self.rank, self.world_size)
+        shard, real_rows = batch.padded_shard(self.rank, self.world_size)  # never empty
 
         def logprobs(micro: RolloutBatch) -> torch.Tensor:
             micro = micro.to(self.device)
@@ -33,4 +33,4 @@ class Reference(Usage):
             return ppo.token_logprobs(logits, micro.response_ids).cpu()
 
         with self.busy("score"):
-            return score_in_micro_batches(shard, self.micro_batch_size, logprobs)
+            return score_in_micro_batches(shard, self.micro_batch_size, logprobs)[:real_rows]

@@ -31,12 +31,12 @@ class RewardScorer(Usage):
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Sequence rewards [b] of this rank's shard."""
         with self.busy("score"):
-            return self._score(batch.shard(self.rank, self.world_size))
-
-    def _score(self, shard: RolloutBatch) -> torch.Tensor:
-        if self.section.type == "model":
-            return score_in_micro_batches(
-                shard, self.section.micro_batch_size,
-                lambda micro: sequence_scores(self.model, micro.to(self.device)).cpu(),
-            )
-        return torch.tensor(self.source.score(shard.prompts, shard.responses, shard.metadata), dtype=torch.float32)
+            if self.section.type == "model":
+                shard, real_rows = batch.padded_shard(self.rank, self.world_size)  # never empty
+                return score_in_micro_batches(
+                    shard, self.section.micro_batch_size,
+                    lambda micro: sequence_scores(self.model, micro.to(self.device)).cpu(),
+                )[:real_rows]
+            shard = batch.shard(self.rank, self.world_size)  # a function or endpoint scores no padding
+            return torch.tensor(self.source.score(shard.prompts, shard.responses, shard.metadata),
+                                dtype=torch.float32)

@@ -75,9 +75,23 @@ class RolloutBatch:
     def shard(self, rank: int, world_size: int) -> RolloutBatch:
         """Rank `rank`'s contiguous share, the first `len % world_size` shares one row longer; concatenating the
         shards in rank order gives the batch back. (Training batches split evenly: the config checks that.)"""
-        size, remainder = divmod(len(self), world_size)
-        start = rank * size + min(rank, remainder)
-        return self.select(slice(start, start + size + (1 if rank < remainder else 0)))
+        return self.select(slice(*shard_bounds(len(self), rank, world_size)))
+
+    def padded_shard(self, rank: int, world_size: int) -> tuple[RolloutBatch, int]:
+        """(rank `rank`'s shard padded to the largest shard's length with copies of the batch's first row, how many
+        of its rows are real: they come first). Every rank then runs the same forwards, which ZeRO-3 needs (each
+        forward gathers parameters with every rank), and none scores an empty shard when the batch has fewer rows
+        than there are ranks."""
+        start, end = shard_bounds(len(self), rank, world_size)
+        filler = -(-len(self) // world_size) - (end - start)
+        return self.select(torch.tensor([*range(start, end), *[0] * filler], dtype=torch.long)), end - start
+
+
+def shard_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank `rank`'s contiguous share of `rows` (see RolloutBatch.shard)."""
+    size, remainder = divmod(rows, world_size)
+    start = rank * size + min(rank, remainder)
+    return start, start + size + (1 if rank < remainder else 0)
 
 
 def request_seeds(run_seed: int, iteration: int, count: int, round_index: int = 0) -> list[int]:

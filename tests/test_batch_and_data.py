@@ -41,6 +41,10 @@ def test_shards_concatenate_back_to_the_batch():
     uneven = [batch.shard(rank, 3) for rank in range(3)]
     assert [len(shard) for shard in uneven] == [1, 1, 0]
     assert sum((shard.prompts for shard in uneven), []) == ["a", "b"]
+    # Padded for scoring: every rank the largest shard's length (the same forwards), filled with the first row.
+    padded = [batch.padded_shard(rank, 3) for rank in range(3)]
+    assert [(shard.prompts, real) for shard, real in padded] == [(["a"], 1), (["b"], 1), (["a"], 0)]
+    assert torch.equal(padded[2][0].response_ids, batch.response_ids[:1])
 
 
 def test_request_seeds_depend_on_run_seed_iteration_and_prompt_index_only():

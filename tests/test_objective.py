@@ -32,7 +32,7 @@ ROWS = 16  # one mini-batch: data.prompts_per_iteration 8 × rollout.samples_per
 LEARNING_RATE = 1e-4
 TOLERANCE = 0.05 * LEARNING_RATE
 # Every term of both objectives takes part: the KL as a loss term and the entropy bonus besides the surrogate.
-SETTINGS = ["algorithm.epochs=1", "algorithm.mini_batches=1", "algorithm.kl_placement=loss",
+SETTINGS = ["run.call_timeout_s=60", "algorithm.epochs=1", "algorithm.mini_batches=1", "algorithm.kl_placement=loss",
             "algorithm.kl_estimator=k3", "algorithm.entropy_coef=0.01", "policy.dropout=false",
             f"policy.learning_rate={LEARNING_RATE}", f"critic.learning_rate={LEARNING_RATE}",
             "policy.zero3_persistence_threshold=0", "critic.zero3_persistence_threshold=0"]
@@ -84,6 +84,15 @@ def world(rank: int, world_size: int, port: int, model_path: str, tmp_path: Path
         if rank == 0:
             torch.save(weights, tmp_path / f"{role}-{stage}-{aggregation}-{micro}-{world_size}.pt")
         learner.engine.destroy()
+    # Scoring batches that do not split evenly over the ranks (and one with fewer rows than ranks) under ZeRO-3,
+    # where every forward is a collective: each rank's shard of log-probs, written for the comparison.
+    config = config_for(tmp_path, "policy", 3, "token_mean", 4, world_size)
+    learner = Learner("policy", config, model_path, rank=rank, world_size=world_size)
+    batch = uneven_batch(learner.tokenizer.vocab_size)
+    for rows in (len(batch) - 3, 1):
+        part = batch.select(slice(0, rows))
+        torch.save(learner.score(part), tmp_path / f"score-{rows}-{world_size}-rank{rank}.pt")
+        torch.save(learner.score(part, temperature=1.0), tmp_path / f"score-t1-{rows}-{world_size}-rank{rank}.pt")
 
 
 def run_world(world_size: int, model_path: Path, tmp_path: Path, cases: list[tuple[str, int, str, int]]) -> None:
@@ -122,3 +131,15 @@ def test_one_step_is_the_same_whatever_the_micro_batch_size_and_the_ranks(traine
     initial = load_file(str(tiny_model / "model.safetensors"))
     moved = max((zero2[name] - initial[name]).abs().max().item() for name in initial if name in zero2)
     assert 0.5 * LEARNING_RATE < moved < 2 * LEARNING_RATE
+
+
+@pytest.mark.timeout(600)
+def test_scoring_a_batch_that_does_not_split_evenly_over_zero3_ranks(trained):
+    # 13 rows on 2 ranks in micro-batches of 4: 7 rows (2 forwards) and 6 (2 forwards); 1 row: 1 and 0. Padded to
+    # the same forwards on every rank, where a rank one forward short used to leave the other waiting in a gather.
+    for rows in (ROWS - 3, 1):
+        for prefix in ("score", "score-t1"):
+            alone = torch.load(trained / f"{prefix}-{rows}-1-rank0.pt")
+            shards = [torch.load(trained / f"{prefix}-{rows}-2-rank{rank}.pt") for rank in (0, 1)]
+            assert [len(shard) for shard in shards] == [-(-rows // 2), rows // 2]
+            assert torch.allclose(torch.cat(shards), alone, atol=1e-5)

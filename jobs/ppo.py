@@ -463,12 +463,15 @@ class PPOTrainer:
     def eval_scorers(self) -> EvalScorers:
         """An evaluation's scorers: the task's score (or a reward function) in the driver, and the roles that are
         placed — the reward source, the policy learner's and the reference's log-probs."""
-        placed = hasattr(self, "policy")
+        placed, rewards_placed = hasattr(self, "policy"), hasattr(self, "reward")
+        # Without a task the held-out score is the run's reward: once the reward actors are placed, they score the
+        # batch and eval/score is eval/reward; the driver scoring it again would call a remote endpoint twice.
+        score_in_driver = self.eval_scorer is not None and not (rewards_placed and task_of(self.config.data) is None)
         return EvalScorers(
             generate=lambda prompts, samples, seed: self.generate(prompts, samples, seed, iteration=0),
-            scores=None if self.eval_scorer is None else lambda batch: torch.tensor(
+            scores=None if not score_in_driver else lambda batch: torch.tensor(
                 self.eval_scorer.score(batch.prompts, batch.responses, batch.metadata)),
-            rewards=self.eval_rewards if placed else None,
+            rewards=self.eval_rewards if rewards_placed else None,
             policy_logprobs=self.eval_policy_logprobs if placed else None,
             reference_logprobs=self.eval_reference_logprobs if placed else None,
         )

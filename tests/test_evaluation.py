@@ -221,3 +221,25 @@ def test_serving_a_runs_checkpoint_resolves_it_and_pins_it_while_served(tmp_path
     (outside / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not in a run directory: name the engine's settings with --config"):
         resolve(str(outside), None, None, None)
+
+
+def test_an_evaluation_scores_the_reward_once(tmp_path):
+    # Without a task, the held-out score is the run's reward: with the reward actors placed, only they score it (a
+    # remote endpoint used to be called twice per evaluation: by them, and by the driver for eval/score).
+    from jobs.ppo import PPOTrainer
+    from relay.prompts import export_task
+    from relay.tasks import get_task
+    from tests.conftest import tiny_run_config
+
+    paths = export_task(get_task("reverse"), tiny_run_config(tmp_path).data, tmp_path / "data")
+    dataset = tiny_run_config(tmp_path / "run", f"data.prompts={paths['train.parquet']}",
+                              "reward.function=relay.tasks.reverse:reward")
+    trainer = PPOTrainer(dataset)
+    assert trainer.eval_scorers().scores is not None  # before the roles are placed: the driver scores
+    trainer.reward = object()  # placed
+    scorers = trainer.eval_scorers()
+    assert scorers.scores is None and scorers.rewards is not None
+    # With a task, eval/score is the task's own score beside the run's reward: both are asked for.
+    task_run = PPOTrainer(tiny_run_config(tmp_path / "task-run"))
+    task_run.reward = object()
+    assert task_run.eval_scorers().scores is not None

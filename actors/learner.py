@@ -98,7 +98,7 @@ class Learner(Usage):
             scheduler=lr_scheduler(self.section, total_steps=config.run.iterations * self.algorithm.epochs
                                    * self.algorithm.mini_batches),
         )
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, config.chat_template)  # the run's: every save writes it
         kind = "causal_lm" if role == "policy" else "critic"
         model = load_for_training(model_path, kind, self.ds_config, self.section.dtype, self.tokenizer.pad_token_id,
                                   dropout=self.section.dropout)

@@ -169,14 +169,15 @@ class TrainWorker:
     engine: "deepspeed.DeepSpeedEngine"
 
 
-def start_train_worker(model_path: str, kind: ModelKind, *, zero_stage: int, dtype: Dtype, batch_size: int,
-                       learning_rate: float) -> TrainWorker:
+def start_train_worker(model_path: str, kind: ModelKind, *, chat_template: str | None, zero_stage: int, dtype: Dtype,
+                       batch_size: int, learning_rate: float) -> TrainWorker:
     """Inside a Ray Train loop: join the process group and build the DeepSpeed engine for one global batch of
-    `batch_size` rows per optimizer step, split evenly over the workers."""
+    `batch_size` rows per optimizer step, split evenly over the workers. The tokenizer is the run's
+    (`chat_template`: RelayConfig.chat_template), which the final save writes beside the model."""
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     init_distributed()
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, chat_template)
     per_rank = max(1, batch_size // world_size)
     ds_config = deepspeed_config(
         zero_stage=zero_stage, offload=False, dtype=dtype, micro_batch_size=per_rank,

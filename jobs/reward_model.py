@@ -3,8 +3,8 @@
     python -m jobs.reward_model --config FILE [overrides]
 
 Reads pairs from `reward_model_training.data` (jsonl, parquet or a Hugging Face dataset; chat format rendered with
-the tokenizer's chat template) or, when it is unset, asks a simulated annotator to judge candidate answers to
-`data.task` by the task's reward. Starts from the base model (`policy.model` or the tiny model), puts a one-label
+the run's chat template, as PPO's prompts are) or, when it is unset, asks a simulated annotator to judge candidate
+answers to `data.task` by the task's reward. Starts from the base model (`policy.model` or the tiny model), puts a one-label
 score head on it (AutoModelForSequenceClassification), and minimises −log σ(score(chosen) − score(rejected)).
 Saves a Hugging Face checkpoint through Ray Train's checkpointing, with held-out pair accuracy and mean margin; a
 PPO run uses it with `reward.type: model` and `reward.model: <path>`.
@@ -51,8 +51,8 @@ REPORT_EVERY = 50
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     section = RewardModelSection.model_validate(loop_config["section"])
-    worker = start_train_worker(loop_config["model_path"], "reward", zero_stage=section.zero_stage,
-                                dtype=section.dtype, batch_size=section.batch_size,
+    worker = start_train_worker(loop_config["model_path"], "reward", chat_template=loop_config["chat_template"],
+                                zero_stage=section.zero_stage, dtype=section.dtype, batch_size=section.batch_size,
                                 learning_rate=section.learning_rate)
     rank, per_rank, tokenizer, engine = worker.rank, worker.per_rank_batch_size, worker.tokenizer, worker.engine
 
@@ -99,7 +99,7 @@ def preference_pairs(config: RelayConfig, model_path: str) -> list[PreferencePai
     if section.data is None:
         task = get_task(config.data.task)
         return simulated_preferences(task, section.simulated_pairs, random.Random(config.data.seed))
-    return load_preferences(section.data, load_tokenizer(model_path), section.chat_template)
+    return load_preferences(section.data, load_tokenizer(model_path, config.chat_template))
 
 
 def run_reward_model_training(config: RelayConfig, base_model_path: str, run_dir: Path) -> dict[str, Any]:
@@ -113,6 +113,7 @@ def run_reward_model_training(config: RelayConfig, base_model_path: str, run_dir
         {
             "section": section.model_dump(),
             "model_path": base_model_path,
+            "chat_template": config.chat_template,
             "seed": config.data.seed,
             # In the object store once; every worker fetches the same copy.
             "train_pairs": ray.put(train_pairs),

@@ -29,16 +29,16 @@ from jobs.common import (
     start_train_worker,
 )
 from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
-from relay.data import IGNORE_INDEX, collate_sft, load_sft_examples, tokenize_sft_example
+from relay.data import collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
 from relay.tasks import get_task, split_examples
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     section = WarmStartSection.model_validate(loop_config["section"])
-    worker = start_train_worker(loop_config["model_path"], "causal_lm", zero_stage=section.zero_stage,
-                                dtype=loop_config["dtype"], batch_size=section.batch_size,
-                                learning_rate=section.learning_rate)
+    worker = start_train_worker(loop_config["model_path"], "causal_lm", chat_template=loop_config["chat_template"],
+                                zero_stage=section.zero_stage, dtype=loop_config["dtype"],
+                                batch_size=section.batch_size, learning_rate=section.learning_rate)
     rank, world_size, per_rank = worker.rank, worker.world_size, worker.per_rank_batch_size
     tokenizer, engine = worker.tokenizer, worker.engine
 
@@ -95,40 +95,30 @@ def shuffled_forever(count: int, seed: int) -> Iterator[int]:
         yield from order
 
 
-def tokenize_user_data(section: WarmStartSection, model_path: str) -> list[tuple[list[int], list[int]]]:
-    """`warm_start.data` as (input_ids, labels), validated here so a bad row fails before any worker starts."""
-    assert section.data is not None
-    tokenizer = load_tokenizer(model_path)
+def tokenize_user_data(config: RelayConfig, model_path: str) -> list[tuple[list[int], list[int]]]:
+    """`warm_start.data` as (input_ids, labels), validated here so a bad row fails before any worker starts. Every
+    example keeps response tokens to learn from: a long one gives up its prompt's first tokens first."""
+    section = config.warm_start
+    assert section is not None and section.data is not None
+    tokenizer = load_tokenizer(model_path, config.chat_template)
     try:
-        pairs = load_sft_examples(section.data, tokenizer, section.chat_template)
+        pairs = load_sft_examples(section.data, tokenizer)
     except ValueError as error:
         raise ConfigError(f"warm_start.data: {error}") from None
-    examples = [tokenize_sft_example(tokenizer, prompt, response, section.max_length) for prompt, response in pairs]
-    # Truncation keeps the start, so a prompt of max_length tokens or more leaves nothing to learn from.
-    trainable = [example for example in examples if any(label != IGNORE_INDEX for label in example[1])]
-    if not trainable:
-        raise ConfigError(
-            f"warm_start.data: every prompt in {section.data} fills warm_start.max_length={section.max_length} "
-            "tokens, so no response token is left to train on; raise warm_start.max_length"
-        )
-    if len(trainable) < len(examples):
-        print(
-            f"warm start: skipping {len(examples) - len(trainable)} of {len(examples)} examples whose prompt fills "
-            f"warm_start.max_length={section.max_length} tokens"
-        )
-    return trainable
+    return [tokenize_sft_example(tokenizer, prompt, response, section.max_length) for prompt, response in pairs]
 
 
 def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
     """Fine-tune `model_path` on `warm_start.data` or the task's demonstrations; return the saved model's path."""
     assert config.warm_start is not None
     section = config.warm_start
-    examples = ray.put(tokenize_user_data(section, model_path)) if section.data is not None else None
+    examples = ray.put(tokenize_user_data(config, model_path)) if section.data is not None else None
     result = fit_on_ray_train(
         "warm_start", train_loop_per_worker, config, section.resources, run_dir,
         {
             "section": section.model_dump(),
             "model_path": model_path,
+            "chat_template": config.chat_template,
             "dtype": config.policy.dtype,
             "examples": examples,
             "task": config.data.task,

@@ -271,7 +271,8 @@ class DataSection(Section):
         "messages", description="the column holding chat messages, when rows are chats; None: rows are never chats"
     )
     apply_chat_template: bool = Field(False, description="render plain prompts as one user message of a chat")
-    chat_template: str | None = Field(None, description="Jinja chat template for tokenizers that have none")
+    chat_template: str | None = Field(
+        None, description="the run's Jinja chat template (see RelayConfig.chat_template); None: the tokenizer's own")
     long_prompts: Literal["drop", "truncate"] = Field(
         "drop", description="prompts longer than max_model_len - max_new_tokens: drop, or keep their last tokens"
     )
@@ -308,8 +309,9 @@ class WarmStartSection(Section):
     data: str | None = Field(
         None, description="prompt/response or chat `messages` data (jsonl, parquet, HF dataset); None: the task's"
     )
-    chat_template: str | None = Field(None, description="Jinja chat template for tokenizers that have none")
-    max_length: int = Field(1024, ge=8, description="tokens per example; longer ones keep their start")
+    chat_template: str | None = Field(
+        None, description="the run's Jinja chat template (see RelayConfig.chat_template); None: the tokenizer's own")
+    max_length: int = Field(1024, ge=8, description="tokens per example; see relay.data.tokenize_example for cuts")
     steps: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1, description="sequences per step across all ranks")
     learning_rate: float = Field(1e-3, gt=0)
@@ -422,9 +424,8 @@ class RewardModelSection(Section):
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     dtype: Dtype = Field("bfloat16", description="training dtype of the reward model")
     chat_template: str | None = Field(
-        None, description="Jinja chat template for chat-format pairs; None: the tokenizer's own"
-    )
-    max_length: int = Field(512, ge=8, description="tokens per prompt+response; longer ones keep their end")
+        None, description="the run's Jinja chat template (see RelayConfig.chat_template); None: the tokenizer's own")
+    max_length: int = Field(512, ge=8, description="tokens per prompt+response; see relay.data.tokenize_example")
 
 
 class RelayConfig(Section):
@@ -519,6 +520,26 @@ class RelayConfig(Section):
                     f"{section.micro_batch_size} × algorithm.mini_batches {self.algorithm.mini_batches} = {per_step}"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _one_chat_template(self) -> RelayConfig:
+        templates = {field: template for field, template in self._chat_templates().items() if template is not None}
+        if len(set(templates.values())) > 1:
+            raise ValueError(f"{' and '.join(templates)} differ: a run renders every chat with one template (its "
+                             "prompts, warm start and reward pairs, and its checkpoints); set it in one of them")
+        return self
+
+    def _chat_templates(self) -> dict[str, str | None]:
+        return {"data.chat_template": self.data.chat_template,
+                "warm_start.chat_template": self.warm_start and self.warm_start.chat_template,
+                "reward_model_training.chat_template": (self.reward_model_training
+                                                        and self.reward_model_training.chat_template)}
+
+    @property
+    def chat_template(self) -> str | None:
+        """The run's one chat template, whichever section sets it (they must agree); None: the policy tokenizer's
+        own. relay.models.load_tokenizer applies it, and every checkpoint the run writes carries it."""
+        return next((template for template in self._chat_templates().values() if template is not None), None)
 
     @property
     def actor_namespace(self) -> str:

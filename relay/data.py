@@ -222,20 +222,38 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int
     return ids
 
 
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of prompt + response + EOS, laid out as a PPO sample: the prompt as the policy is
+    given it (tokenize_prompt), then the response's tokens (no special tokens added: a rendered chat prompt already
+    ends in the template's generation prompt), then EOS, where the policy stops. The one tokenisation of a
+    (prompt, response) for the warm start, reward-model pairs and evaluation, so the three see what PPO sees.
+
+    Truncation to `max_length` tokens cuts what a PPO sample would lack, never inventing what it would not have:
+    the prompt gives way first, losing its first tokens (as `data.long_prompts: truncate` cuts a prompt) but
+    keeping at least its last one; if the response and its EOS still do not fit, the response keeps its first
+    tokens and has no EOS, an unfinished answer, as a sample cut at rollout.max_new_tokens ends. So the warm start
+    never learns to stop where the text did not, and a reward model's score, read at the last real token, is read
+    at EOS exactly when PPO's is.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token, so a response cannot end; give it one (eos_token)")
+    prompt_ids = tokenize_prompt(tokenizer, prompt)
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if max_length is None or len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids, response_ids
+    kept_prompt = max(min(1, len(prompt_ids)), max_length - len(response_ids))
+    return prompt_ids[len(prompt_ids) - kept_prompt :], response_ids[: max_length - kept_prompt]
+
+
 def tokenize_sft_example(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int | None = None
 ) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for prompt + response + EOS; labels are IGNORE_INDEX on every prompt token.
-
-    A sequence longer than `max_length` keeps its first `max_length` tokens.
-    """
-    prompt_ids = tokenize_prompt(tokenizer, prompt)
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    input_ids = prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    if max_length is not None:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return input_ids, labels
+    """(input_ids, labels) for prompt + response + EOS (tokenize_example, which also says how a sequence longer
+    than `max_length` is cut); labels are IGNORE_INDEX on every prompt token."""
+    prompt_ids, response_ids = tokenize_example(tokenizer, prompt, response, max_length)
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
 def collate_sft(examples: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -21,12 +21,13 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
 
 from relay.batch import RolloutBatch
-from relay.config import Dtype, LoraSection, TinyModelSection
+from relay.config import Dtype, LoraSection, RelayConfig, TinyModelSection
 
 ModelKind = Literal["causal_lm", "critic", "reward"]
 # For the processes that load and save models (learners, scorers, Ray Train workers): transformers' bars for every
@@ -40,12 +41,69 @@ def torch_dtype(dtype: Dtype) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """The tokenizer of the model at `path` (a directory or a Hub name) under the run's policy, decided here once
+    for every model a run loads and saved with every checkpoint it writes (so `relay serve`, `relay label` and
+    `relay eval` render chats as training did): `chat_template` (the run's, RelayConfig.chat_template) replaces
+    the tokenizer's own when given; pad is EOS where the tokenizer has no pad token (Llama-3 style)."""
+    return apply_run_policy(AutoTokenizer.from_pretrained(path), chat_template, path)
+
+
+def apply_run_policy(tokenizer: PreTrainedTokenizerFast, chat_template: str | None,
+                     name: str) -> PreTrainedTokenizerFast:
+    """`tokenizer` with the run's chat template and EOS/pad policy (see load_tokenizer); `name` is the model, for
+    the error."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{name}: the tokenizer has no EOS token, so no response could end; give it one "
+                         "(tokenizer_config.json eos_token) before training on it")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
-        # Padding never reaches a loss (masks cover it), so reusing EOS is safe and what TRL/OpenRLHF do.
+        # Padding never reaches a loss (masks cover it), and every score is read at the last position the attention
+        # mask marks, never by looking for the pad id: reusing EOS is safe, and what TRL and OpenRLHF do.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_same_tokenizer(policy_tokenizer: PreTrainedTokenizerBase, other_tokenizer: PreTrainedTokenizerBase,
+                         policy_name: str, other_name: str) -> None:
+    """A model that scores the policy's samples (reward model, critic, reference) reads the policy's token ids:
+    its tokenizer must map text to the same ids, the same vocabulary and the same BOS and EOS. ValueError in one
+    line naming both models otherwise."""
+    policy_vocab, other_vocab = policy_tokenizer.get_vocab(), other_tokenizer.get_vocab()
+    problems = []
+    if policy_vocab != other_vocab:
+        differing = sorted(token for token in policy_vocab.keys() | other_vocab.keys()
+                           if policy_vocab.get(token) != other_vocab.get(token))
+        problems.append(f"{len(differing)} tokens differ in id or presence (e.g. {differing[:3]}; vocabularies of "
+                        f"{len(policy_vocab)} and {len(other_vocab)})")
+    for special in ("bos", "eos"):
+        policy_id, other_id = (getattr(tokenizer, f"{special}_token_id") for tokenizer in (policy_tokenizer,
+                                                                                       other_tokenizer))
+        if policy_id != other_id:
+            problems.append(f"{special.upper()} id {policy_id} against {other_id}")
+    if problems:
+        raise ValueError(f"{other_name} does not read the token ids of {policy_name}: {'; '.join(problems)}; "
+                         f"use a model with the policy's tokenizer (trained from the same base model)")
+
+
+def check_scoring_tokenizers(config: RelayConfig, policy_tokenizer: PreTrainedTokenizerBase) -> None:
+    """Before Ray starts: the models the config names to score the policy's samples (reward.model, critic.model,
+    reference.model) share its token ids (check_same_tokenizer). A reward model trained in the run starts from
+    the policy's own base model, and a function or remote reward reads text: neither is checked."""
+    policy_name = f"policy.model {config.policy.model}" if config.policy.model else "the tiny policy"
+    scorers = {"critic.model": config.critic.model, "reference.model": config.reference.model}
+    if config.reward.type == "model" and config.reward_model_training is None:
+        scorers["reward.model"] = config.reward.model
+    for field, model in scorers.items():
+        if model is None:
+            continue
+        name, local = f"{field} {model}", Path(model).expanduser()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else model)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{name}: no tokenizer can be loaded from it ({error})") from None
+        check_same_tokenizer(policy_tokenizer, tokenizer, policy_name, name)
 
 
 def load_model(path: str, kind: ModelKind, dtype: Dtype, pad_token_id: int | None = None) -> PreTrainedModel:
@@ -119,8 +177,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def build_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over `alphabet`, with BOS prepended, that transformers and vLLM both load."""
+def build_tokenizer(alphabet: str, chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over `alphabet`, with BOS prepended, that transformers and vLLM both load; with
+    the run's `chat_template`, if any."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + sorted(set(alphabet)))}
@@ -128,9 +187,10 @@ def build_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    return apply_run_policy(tokenizer, chat_template, "the tiny model")
 
 
 def build_tiny_model(section: TinyModelSection, alphabet: str, path: Path, seed: int) -> Path:

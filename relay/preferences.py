@@ -4,11 +4,14 @@ A pair is a prompt and two responses, `chosen` (preferred by the annotator) and 
 - jsonl (one JSON object per line), parquet, or a Hugging Face dataset name/path (through `datasets`), each row
   holding `prompt`, `chosen`, `rejected` as strings;
 - chat format: `chosen` and `rejected` are lists of `{role, content}` messages (the whole conversation, the prompt
-  optionally split off into `prompt` as a string or a message list), rendered with the tokenizer's chat template
-  or a template string given by the caller.
+  optionally split off into `prompt` as a string or a message list), the same conversation up to a last, assistant
+  message each. As a PPO prompt is, the conversation before that message becomes the prompt, rendered with the
+  run's chat template and the generation prompt; the two last messages' contents are the responses.
 
-The reward model scores a right-padded `prompt + response` and reads its score at the last real token, exactly as
-`relay.models.sequence_scores` reads it during PPO. The math at the bottom is pure tensors: no Ray, no DeepSpeed.
+The reward model scores a right-padded prompt + response + EOS (relay.data.tokenize_example: laid out as a PPO
+sample) and reads its score at the last real token, exactly as `relay.models.sequence_scores` reads it during PPO:
+at EOS for a finished answer, whatever the pad token is. The math at the bottom is pure tensors: no Ray, no
+DeepSpeed.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from relay.data import check_messages, check_text, read_rows, tokenize_prompt
-from relay.data import render_chat as render_conversation
+from relay.data import check_messages, check_text, read_rows, render_chat, tokenize_example
 from relay.labels import LabelStore, is_label_store
 from relay.models import last_token_scores
 from relay.tasks import Task
@@ -31,7 +33,7 @@ from relay.tasks import Task
 
 @dataclass(frozen=True)
 class PreferencePair:
-    prompt: str  # "" for chat pairs: the rendered conversation in chosen/rejected carries it
+    prompt: str  # as the policy is given it: a chat pair's conversation before the answers, rendered
     chosen: str
     rejected: str
 
@@ -100,22 +102,21 @@ def _parse_chat_row(
     # Datasets differ on whether chosen/rejected repeat the prompt; prepend it only where they do not.
     chosen = chosen if chosen[: len(prefix)] == prefix else prefix + chosen
     rejected = rejected if rejected[: len(prefix)] == prefix else prefix + rejected
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: {key!r} ends with a message from {messages[-1]['role']!r}, not 'assistant'; "
+                             "a pair is two answers to one conversation")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' differ before their last message; a pair is two "
+                         "answers to one conversation (the messages before them the same)")
+    if len(chosen) < 2:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' hold only the answers; give the conversation before "
+                         "them (in 'prompt', or as their first messages)")
     return PreferencePair(
-        prompt="",
-        chosen=render_chat(chosen, tokenizer, chat_template, where),
-        rejected=render_chat(rejected, tokenizer, chat_template, where),
-    )
-
-
-def render_chat(
-    messages: list[dict[str, str]],
-    tokenizer: PreTrainedTokenizerBase | None,
-    chat_template: str | None = None,
-    where: str = "chat messages",
-) -> str:
-    """The whole conversation as text, through `chat_template` if given, else the tokenizer's own template."""
-    return render_conversation(
-        messages, tokenizer, chat_template, where, template_setting="reward_model_training.chat_template"
+        prompt=render_chat(chosen[:-1], tokenizer, chat_template, where, add_generation_prompt=True,
+                           template_setting="reward_model_training.chat_template"),
+        chosen=chosen[-1]["content"],
+        rejected=rejected[-1]["content"],
     )
 
 
@@ -180,21 +181,16 @@ def _corrupt(text: str, alphabet: str, rng: random.Random) -> str:
 #
 # A preference batch is one right-padded tensor: the chosen sequences in rows [0, B), the rejected ones in
 # rows [B, 2B), so one forward scores both. Padding is pad_token_id with attention_mask 0; the model reads each
-# score at the last token that is not pad_token_id.
+# score at the last position the attention mask marks (relay.models.last_token_scores), as PPO does.
 
 
 def tokenize_response(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
 ) -> list[int]:
-    """prompt + response ids as PPO's reward model sees them; an over-long sequence keeps its end (the score's)."""
-    prompt_ids = tokenize_prompt(tokenizer, prompt) if prompt else []
-    # A rendered chat conversation carries its own special tokens, so none are added to a response. A finished
-    # PPO sample ends in EOS and the reward actor reads its score there, so training ends each response the same
-    # way (where pad is EOS, transformers skips that token in both places alike).
-    ids = prompt_ids + tokenizer(response, add_special_tokens=False).input_ids
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != tokenizer.pad_token_id:
-        ids.append(tokenizer.eos_token_id)
-    return ids[-max_length:]
+    """prompt + response + EOS ids as PPO's reward model sees a finished sample, cut to `max_length` as
+    relay.data.tokenize_example cuts (the prompt first; a response cut short ends without EOS, as PPO's do)."""
+    prompt_ids, response_ids = tokenize_example(tokenizer, prompt, response, max_length)
+    return prompt_ids + response_ids
 
 
 def collate_preferences(

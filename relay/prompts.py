@@ -257,7 +257,7 @@ def data_alphabet(config: RelayConfig) -> str:
         sources.append(eval_source(data))
     if config.warm_start is not None and config.warm_start.data is not None:
         sources.append((config.warm_start.data, "train", None))
-    characters: set[str] = set(data.chat_template or "")
+    characters: set[str] = set(config.chat_template or "")
     for source, split, subset in sources:
         for _, row in read_rows(source, split, subset):
             characters |= set("".join(strings_in(row)))

@@ -1,4 +1,6 @@
-"""Shared fixtures: a local Ray instance per test module and one tiny model built on disk.
+"""Shared fixtures: a local Ray instance per test module and two tiny models built on disk: the demo's (a character
+tokenizer with its own pad token and no chat template) and one as users bring them (byte-level BPE, pad is EOS,
+a ChatML chat template).
 
 Two tiers, split by one marker: `pytest -m "not slow"` (make test-fast) runs the math, config, data, batch, CLI
 and manifest tests with no Ray, vLLM or DeepSpeed start; `make test` runs everything. A test that asks for a Ray
@@ -7,6 +9,7 @@ instance must be marked slow, which collection checks."""
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -72,3 +75,59 @@ def tiny_model(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("models") / "tiny"
     return build_tiny_model(TinyModelSection(), get_task("reverse").alphabet, path, seed=0)
+
+
+# ChatML, as Qwen writes it, behind a Llama-3-style BOS: the turn end <|im_end|> is the tokenizer's EOS.
+BPE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_bpe_model(path: Path, seed: int = 0) -> Path:
+    """A byte-level BPE tokenizer trained offline on a few hundred lines of `reverse` chats and words (320 tokens;
+    BOS <|begin_of_text|> prepended, EOS <|im_end|>, no pad token, BPE_CHAT_TEMPLATE) and a random-init Llama of
+    its vocabulary (hidden 128 over 2 heads of 64, vLLM's CPU attention needs that; 2 layers), saved at `path`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    rng = random.Random(seed)
+    words = ["reverse", "the", "digits", "answer", "is", "please", "number", "thanks"]
+    lines = []
+    for _ in range(300):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))
+        lines.append(f"<|im_start|>user\nreverse {digits}=<|im_end|>\n<|im_start|>assistant\n{digits[::-1]}<|im_end|>")
+        lines.append(" ".join(rng.choice(words) for _ in range(8)))
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
+    backend.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", backend.token_to_id("<|begin_of_text|>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = BPE_CHAT_TEMPLATE
+    assert tokenizer.pad_token is None
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    hf_logging.disable_progress_bar()  # a bar for a one-shard save
+    try:
+        model.save_pretrained(path)
+    finally:
+        hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_model(tmp_path_factory) -> Path:
+    return build_bpe_model(tmp_path_factory.mktemp("models") / "bpe")

@@ -24,7 +24,8 @@ from relay.preferences import (
 )
 from relay.tasks import get_task
 
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 # --- the math, by hand -------------------------------------------------------------------------------------------
@@ -134,10 +135,10 @@ def test_chat_pairs_render_with_template(tmp_path, tiny_model):
         "chosen": [{"role": "assistant", "content": "21"}],
         "rejected": [{"role": "user", "content": "12="}, {"role": "assistant", "content": "12"}],
     }])
-    # The prompt is prepended to chosen (which lacks it) and not repeated in rejected (which has it).
-    assert load_preferences(path, tokenizer, CHAT_TEMPLATE) == [
-        PreferencePair("", "<user>12=\n<assistant>21\n", "<user>12=\n<assistant>12\n")
-    ]
+    # The prompt is prepended to chosen (which lacks it) and not repeated in rejected (which has it); as a PPO
+    # prompt, the conversation before the answers is rendered with the generation prompt, and the answers are the
+    # last messages' contents.
+    assert load_preferences(path, tokenizer, CHAT_TEMPLATE) == [PreferencePair("<user>12=\n<assistant>", "21", "12")]
 
 
 def test_chat_pairs_without_template_fail_clearly(tmp_path, tiny_model):

@@ -108,9 +108,12 @@ def test_chat_example_trains_on_the_response_only(tmp_path, tokenizer):
     assert input_ids.count(tokenizer.bos_token_id) == 1
     assert labels[:11] == [IGNORE_INDEX] * 11
     assert labels[11:] == input_ids[11:] == tokenizer("21", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    # Truncation keeps the start: 12 tokens leave one response token to learn from.
+    # Truncation cuts the prompt first: in 12 tokens, the prompt's last 9 and the whole response with its EOS.
     truncated_ids, truncated_labels = tokenize_sft_example(tokenizer, prompt, response, max_length=12)
-    assert truncated_ids == input_ids[:12] and truncated_labels == labels[:12]
+    assert truncated_ids == input_ids[2:] and truncated_labels == labels[2:]
+    # In 3, the prompt's last token and the response's first two: no EOS, which the text did not reach.
+    truncated_ids, truncated_labels = tokenize_sft_example(tokenizer, prompt, response, max_length=3)
+    assert truncated_ids == input_ids[10:13] and truncated_labels == [IGNORE_INDEX, *input_ids[11:13]]
 
 
 def reversal_pairs(count: int, seed: int) -> list[dict[str, str]]:

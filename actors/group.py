@@ -8,9 +8,11 @@ group of its own, so the fleet grows and shrinks a group at a time (a placement 
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -22,6 +24,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("", 0))
         return probe.getsockname()[1]
+
+
+def get_within(refs: list[ray.ObjectRef], timeout_s: float, what: str,
+               hint: str = "stuck, or too slow for that deadline") -> list[Any]:
+    """`ray.get` of `refs` with a deadline: a TimeoutError naming `what` after `timeout_s` (run.call_timeout_s),
+    and the first error raised as soon as it is in, since other ranks may be left waiting on a dead one."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"{what} did not answer within run.call_timeout_s={timeout_s:.0f} s ({hint})")
+        ray.get(ready[0])
+    return ray.get(refs)
 
 
 @ray.remote(num_cpus=0)
@@ -45,12 +61,15 @@ class ActorGroup:
         namespace: str,
         share_placement_group: PlacementGroup | None = None,
         cpu_threads: int | None = None,
+        timeout_s: float = 1800.0,
         **actor_kwargs: Any,
     ) -> None:
         """`placement` (relay/placement.py) says what to reserve; a colocated role reserves nothing and puts rank i
         in bundle i of `share_placement_group`, the policy learner's group. `cpu_threads`: each rank's OpenMP
-        threads (None: Ray's, one for a fractional-CPU actor)."""
+        threads (None: Ray's, one for a fractional-CPU actor). `timeout_s` (run.call_timeout_s) bounds each wait:
+        for the placement group, and for the ranks' constructors."""
         self.name = name
+        self.timeout_s = timeout_s
         self.world_size = placement.world_size
         self.owns_placement_group = not placement.colocated
         if placement.colocated:
@@ -59,13 +78,20 @@ class ActorGroup:
             self.placement_group: PlacementGroup = share_placement_group
         else:
             self.placement_group = placement_group(placement.bundles, strategy=placement.strategy)
-        ray.get(self.placement_group.ready())
+        bundles = placement.bundles or "the policy learner's, shared"
+        try:
+            get_within([self.placement_group.ready()], timeout_s,
+                       f"{name}: the placement group of its ranks ({bundles})",
+                       hint="the cluster has not had the resources free for it, nor has its autoscaler added them")
+        except TimeoutError:
+            if self.owns_placement_group:  # no longer asked for: the autoscaler need not bring it up
+                remove_placement_group(self.placement_group)
+            raise
         # The rendezvous lives where rank 0 will run: the node of bundle 0.
-        master_addr, master_port = ray.get(
+        [(master_addr, master_port)] = get_within([
             _master_address.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, 0)
-            ).remote()
-        )
+            ).remote()], timeout_s, f"{name}: the rendezvous address on the node of rank 0")
         remote_class = ray.remote(actor_class)
         self.actors = []
         for rank in range(self.world_size):
@@ -91,8 +117,22 @@ class ActorGroup:
             )
 
     def wait_ready(self) -> None:
-        """Block until every rank's constructor has finished (model loaded, engine built)."""
-        ray.get([actor.__ray_ready__.remote() for actor in self.actors])
+        """Block until every rank's constructor has finished (model loaded, engine built), within `timeout_s`."""
+        get_within([actor.__ray_ready__.remote() for actor in self.actors], self.timeout_s, f"{self.name} (start)")
+
+    def dead_ranks(self, timeout_s: float = 30.0) -> list[int]:
+        """The ranks whose process is gone: their actor answers a ping with RayActorError. (One that does not
+        answer within `timeout_s` is alive, if stuck.)"""
+        pings = [actor.__ray_ready__.remote() for actor in self.actors]
+        dead = []
+        for rank, ping in enumerate(pings):
+            try:
+                ray.get(ping, timeout=timeout_s)
+            except RayActorError:
+                dead.append(rank)
+            except GetTimeoutError:
+                pass
+        return dead
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call `method` on every rank with the same arguments; one reference per rank, in rank order."""

@@ -71,6 +71,7 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
         trainer.fleet = RolloutFleet(config, reference)
         scorers["reward"] = trainer.reward = ActorGroup(
             RewardScorer, "eval-reward", role_placement(config, "reward"), namespace=config.actor_namespace,
+            timeout_s=config.run.call_timeout_s,
             config=config, model_path=config.reward.model and resolve_model_path(config.reward.model))
         scorers["reference"] = logprob_group(config, "eval-reference", reference)
         results: dict[str, dict[str, float]] = {}
@@ -114,6 +115,7 @@ def eval_scorers(trainer: PPOTrainer, policy: ActorGroup, reference: ActorGroup)
 
 def logprob_group(config: RelayConfig, name: str, model_path: str) -> ActorGroup:
     group = ActorGroup(Reference, name, role_placement(config, "reference"), namespace=config.actor_namespace,
+                       timeout_s=config.run.call_timeout_s,
                        config=config, model_path=model_path)
     group.wait_ready()
     return group

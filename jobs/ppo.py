@@ -32,7 +32,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from actors.control import RunControl
-from actors.group import ActorGroup
+from actors.group import ActorGroup, get_within
 from actors.learner import Learner, NonFiniteLoss
 from actors.reference import Reference
 from actors.reward import RewardScorer
@@ -247,22 +247,24 @@ class PPOTrainer:
     def place_roles(self, policy_path: str, critic_path: str) -> None:
         """Learners, reference and reward, each an ActorGroup placed as relay/placement.py plans (a colocated
         scorer inside the policy learner's bundles), all started in parallel."""
-        config, namespace = self.config, self.config.actor_namespace
+        config, namespace, timeout_s = self.config, self.config.actor_namespace, self.config.run.call_timeout_s
         # On CPUs with the roles one after another, each has the machine's cores while it runs.
         threads = os.cpu_count() if config.device == "cpu" and not config.run.roles_in_parallel else None
         self.policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=namespace,
-                                 cpu_threads=threads, role="policy", config=config, model_path=policy_path)
+                                 cpu_threads=threads, timeout_s=timeout_s, role="policy", config=config,
+                                 model_path=policy_path)
         if config.algorithm.uses_critic:  # critic-free estimators get no critic actors, groups or checkpoints
             self.critic = ActorGroup(Learner, "critic-learner", role_placement(config, "critic"),
-                                     namespace=namespace, cpu_threads=threads, role="critic", config=config,
-                                     model_path=critic_path)
+                                     namespace=namespace, cpu_threads=threads, timeout_s=timeout_s, role="critic",
+                                     config=config, model_path=critic_path)
         if not config.reference_in_policy:
             self.reference = ActorGroup(Reference, "reference", role_placement(config, "reference"),
                                         namespace=namespace, share_placement_group=self.policy.placement_group,
-                                        cpu_threads=threads, config=config, model_path=self.state.reference_model)
+                                        cpu_threads=threads, timeout_s=timeout_s, config=config,
+                                        model_path=self.state.reference_model)
         self.reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
                                  share_placement_group=self.policy.placement_group, cpu_threads=threads,
-                                 config=config, model_path=self.state.reward_model)
+                                 timeout_s=timeout_s, config=config, model_path=self.state.reward_model)
         for group in (*self.learners, *([] if config.reference_in_policy else [self.reference]), self.reward):
             group.wait_ready()  # built in parallel, awaited here
 
@@ -498,7 +500,11 @@ class PPOTrainer:
         while True:
             try:
                 return self.train(started)
-            except RayActorError as error:
+            except (RayActorError, RayTaskError) as error:
+                # When a rank dies, its peers' calls fail too (a collective whose peer is gone), and their
+                # RayTaskError may arrive before its RayActorError: either is a role's failure if a process died.
+                if isinstance(error, RayTaskError) and not self.a_role_died():
+                    raise
                 if restarts == self.config.run.max_restarts:
                     raise RuntimeError(
                         f"a role failed again after {restarts} restarts (run.max_restarts): {error}\nRun the same "
@@ -509,6 +515,11 @@ class PPOTrainer:
                          f"restarting every role from the newest checkpoint ({restarts} of {self.config.run.max_restarts})")
                 self.shutdown_roles()
                 self.reset_state()
+
+    def a_role_died(self) -> bool:
+        """Whether a process of a placed learner, reference or reward role is gone."""
+        groups = [getattr(self, name) for name in ("policy", "critic", "reference", "reward") if hasattr(self, name)]
+        return any(group.dead_ranks() for group in groups)
 
     def train(self, started: float) -> dict:
         config = self.config
@@ -700,17 +711,8 @@ class PPOTrainer:
         return received[0][:-1]
 
     def wait(self, refs: list[ray.ObjectRef], role: str) -> list:
-        """`ray.get` with the run's deadline: a role that does not answer within run.call_timeout_s is named. The
-        first error is raised as soon as it is in, since the other ranks may be left waiting on a dead one."""
-        deadline = time.monotonic() + self.config.run.call_timeout_s
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError(f"{role} did not answer within run.call_timeout_s="
-                                   f"{self.config.run.call_timeout_s:.0f} s (stuck, or too slow for that deadline)")
-            ray.get(ready[0])
-        return ray.get(refs)
+        """`ray.get` with the run's deadline, naming `role` (actors.group.get_within)."""
+        return get_within(refs, self.config.run.call_timeout_s, role)
 
     def apply_scaling(self, rollout_workers: int) -> None:
         """At the iteration boundary: follow the requested fleet size; engines that came up (new ones, and

@@ -27,6 +27,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class FailingRank:
+    """A role's rank (an ActorGroup member) whose call fails as a surviving rank's does when its peer has died."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank = rank
+
+    def fail(self) -> None:
+        raise RuntimeError("Connection closed by peer")  # what gloo tells a rank whose peer died mid-collective
+
+
 def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 1.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -105,3 +105,56 @@ def test_a_reward_that_is_not_finite_stops_the_run_and_keeps_the_samples(ray_ses
     assert len(rows) == config.data.eval_prompts * config.data.eval_samples_per_prompt
     assert {"prompt", "response", "metadata"} <= rows[0].keys()
     assert not (tmp_path / "metrics.jsonl").exists() or read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+def test_a_peers_task_error_restarts_the_roles_only_when_a_process_died(ray_session, tmp_path):
+    # A learner rank dies: a surviving rank's RayTaskError can reach the driver before the dead one's
+    # RayActorError. It is a role's failure (restart from the checkpoint) when a process died, else a bug to raise.
+    from ray.exceptions import RayTaskError
+
+    from actors.group import ActorGroup
+    from relay.placement import Placement
+    from tests.live_ray import FailingRank
+
+    def attempt(group: ActorGroup) -> None:
+        ray.get(group.actors[0].fail.remote())
+
+    placement = Placement(world_size=2, bundles=[{"CPU": 0.1}] * 2, strategy="PACK", cpus_per_rank=0.1,
+                          gpus_per_rank=0.0)
+    trainer = PPOTrainer(tiny_run_config(tmp_path, "run.max_restarts=1"))
+    calls = []
+
+    def train(started: float) -> dict:
+        calls.append(started)
+        if len(calls) == 1:
+            attempt(trainer.policy)
+        return {"trained": True}
+
+    trainer.train = train
+    trainer.policy = ActorGroup(FailingRank, "rank", placement, namespace="relay-tests", timeout_s=60)
+    trainer.policy.wait_ready()
+    with pytest.raises(RayTaskError, match="Connection closed by peer"):
+        trainer.fit()  # every process alive: the error is the run's
+    assert trainer.policy.dead_ranks() == []
+
+    calls.clear()
+    ray.kill(trainer.policy.actors[1])
+    wait_for(lambda: trainer.policy.dead_ranks(timeout_s=5) == [1], 30, "rank 1 dead")
+    assert trainer.fit() == {"trained": True} and len(calls) == 2  # restarted once, and trained
+    assert not hasattr(trainer, "policy")  # the roles were torn down for the restart
+    trainer.shutdown()
+
+
+def test_a_role_that_cannot_be_placed_is_named_after_its_deadline(ray_session):
+    # A placement group the cluster cannot hold (after a node loss, say) used to be waited on forever.
+    from actors.group import ActorGroup
+    from relay.placement import Placement
+    from tests.live_ray import FailingRank
+
+    placement = Placement(world_size=1, bundles=[{"CPU": 1000.0}], strategy="PACK", cpus_per_rank=1000.0,
+                          gpus_per_rank=0.0)
+    with pytest.raises(TimeoutError, match=r"critic-learner: the placement group of its ranks \(\[\{'CPU': 1000\.0\}"
+                                           r"\]\) did not answer within run\.call_timeout_s=2 s \(the cluster has"):
+        ActorGroup(FailingRank, "critic-learner", placement, namespace="relay-tests", timeout_s=2)
+    states = {group["state"] for group in ray.util.placement_group_table().values()}
+    assert "PENDING" not in states  # given up: no longer asked of the cluster (or its autoscaler)

@@ -830,6 +830,9 @@ RESUME_FIXED: dict[str, Callable[[RelayConfig], object]] = {
     "the policy's world size (policy.resources)": lambda config: config.policy.resources.world_size,
     "the critic's world size (critic.resources)": lambda config: config.critic.resources.world_size,
     "a critic (algorithm.advantage)": lambda config: config.algorithm.uses_critic,
+    # The adapters' shapes and scale (not their dropout): DeepSpeed's states hold the adapters' weights alone.
+    "policy.lora": lambda config: config.policy.lora and config.policy.lora.model_dump(exclude={"dropout"}),
+    "critic.lora": lambda config: config.critic.lora and config.critic.lora.model_dump(exclude={"dropout"}),
 }
 
 

@@ -27,6 +27,19 @@ def test_learner_world_size_model_and_critic_are_fixed_the_rest_may_change(tmp_p
     with pytest.raises(ValueError, match=r"a critic \(algorithm.advantage\) = True, and this config has False"):
         check_resumable(changed("algorithm.advantage=grpo"), tmp_path)
     check_resumable(changed("tiny_model.num_layers=3", "run.resume=never"), tmp_path)  # not resumed: no check
+    # LoRA added, or its rank changed: DeepSpeed's load of the saved states would fail deep inside.
+    with pytest.raises(ValueError, match=r"policy\.lora = None, and this config has \{'rank': 4"):
+        check_resumable(changed("policy.lora={rank: 4, alpha: 8}"), tmp_path)
+
+
+def test_a_lora_run_resumes_only_with_the_same_adapters(tmp_path):
+    saved_run(tmp_path, "critic.lora={rank: 4, alpha: 8}")
+    changed = lambda *overrides: load_config(DEMO_CONFIG, [f"run.output_dir={tmp_path}", *overrides])  # noqa: E731
+    check_resumable(changed("critic.lora={rank: 4, alpha: 8, dropout: 0.1}"), tmp_path)
+    with pytest.raises(ValueError, match=r"critic\.lora\.rank = 4, and this config has 8"):
+        check_resumable(changed("critic.lora={rank: 8, alpha: 8}"), tmp_path)
+    with pytest.raises(ValueError, match=r"critic\.lora = \{'rank': 4, .*\}, and this config has None"):
+        check_resumable(changed(), tmp_path)
 
 
 def test_keep_checkpoints_prunes_the_oldest_complete_ones_that_nothing_names(tmp_path):

@@ -17,21 +17,11 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.engine import ENGINE_ENV, engine_options, reload_weights
 from actors.usage import Usage
 from relay.config import RelayConfig
 from relay.placement import engine_placement
 
-# The engine runs inside the actor's own process (the default multiprocess engine would start another process
-# per worker and hand `collective_rpc` arguments over as lists rather than tensors). The rest keeps the job log to
-# its one line per iteration: vLLM's warnings are about CPU tuning (LD_PRELOAD, Triton), defaults we chose
-# (eager mode, seed) and, on every weight sync, the rotary embedding having no weights to load; torch's C++
-# warnings are the NUMA binding notice; the Python one is vLLM's use of `torch.distributed.reduce_op`.
-ENGINE_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_LOGGING_LEVEL": "ERROR",
-    "TORCH_CPP_LOG_LEVEL": "ERROR",
-    "PYTHONWARNINGS": "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",
-}
 RETIRE_TIMEOUT_S = 60
 
 
@@ -54,25 +44,15 @@ class RolloutWorker(Usage):
         self.index = index
         self.rollout = config.rollout
         self.policy_version = 0
-        memory: dict[str, Any]
-        if config.device == "cpu":
-            # An explicit KV size: a share of "available" memory fails as soon as other roles are loading.
-            memory = {"kv_cache_memory_bytes": self.rollout.kv_cache_memory_mb * 2**20}
-        else:
-            memory = {"gpu_memory_utilization": self.rollout.gpu_memory_utilization}
         engine_args = EngineArgs(
             model=model_path,
-            dtype=self.rollout.dtype,
-            tensor_parallel_size=self.rollout.tensor_parallel_size,
+            **engine_options(config),
             distributed_executor_backend="ray" if self.rollout.tensor_parallel_size > 1 else None,
-            enforce_eager=self.rollout.enforce_eager or config.device == "cpu",
-            max_model_len=self.rollout.max_model_len,
             seed=config.run.seed + index,
             # Log-probs of the distribution actually sampled from (after temperature), as the learner computes them.
             logprobs_mode="processed_logprobs",
             disable_log_stats=False,
             use_tqdm_on_load=False,  # a bar per weight load from disk
-            **memory,
         )
         self.engine = LLMEngine.from_engine_args(engine_args, stat_loggers=[RayPrometheusStatLogger])
         self._request_ids = itertools.count()
@@ -119,36 +99,22 @@ class RolloutWorker(Usage):
         """Load the policy learner's weights in place, bucket by bucket (vLLM's own reload, which rebuilds each
         layer a bucket touches: a bucket holds whole decoder blocks), and record their version."""
         with self.busy("load_weights"):
-            for ref in buckets:
+            for position, ref in enumerate(buckets):
                 bucket = ray.get(ref)  # vLLM copies each tensor into the engine's own storage
-                self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": list(bucket.items())})
+                self.engine.collective_rpc(reload_weights, kwargs={"weights_iterator": list(bucket.items()),
+                                                                   "last": position == len(buckets) - 1})
                 del bucket  # one bucket in memory at a time
-            self._forget_old_weights()
+            self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version
 
     def load_weights_from(self, model_path: str, policy_version: int) -> int:
         """Load weights from a Hugging Face checkpoint directory, in place."""
         with self.busy("load_weights"):
-            self.engine.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-            self._forget_old_weights()
+            self.engine.collective_rpc(reload_weights, kwargs={"weights_path": model_path})
+            self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version
-
-    def _forget_old_weights(self) -> None:
-        """Drop everything the old weights computed: the prefix cache, and the KV cache's contents. Attention
-        kernels that read a whole block (vLLM's CPU kernel; FlashAttention 3 on GPUs) mask a stale slot's score
-        but still multiply its value by that zero, and 0 x NaN is NaN: one NaN an earlier policy left in a free
-        block made every later generation NaN, whatever the weights (tests/test_actors.py)."""
-        self.engine.reset_prefix_cache()
-        self.engine.collective_rpc(_zero_kv_cache)
-
-
-def _zero_kv_cache(worker: Any) -> None:
-    """Run in each of an engine's workers (`collective_rpc`): zero its KV cache tensors."""
-    for cache in worker.model_runner.kv_caches:
-        for tensor in cache if isinstance(cache, (list, tuple)) else (cache,):
-            tensor.zero_()
 
 
 @dataclass(eq=False)  # members are told apart by identity (dict keys)

@@ -39,7 +39,8 @@ from actors.group import free_port
 from actors.learner import Learner
 from actors.reference import Reference
 from actors.reward import RewardScorer
-from actors.rollout import ENGINE_ENV, RolloutWorker
+from actors.engine import ENGINE_ENV
+from actors.rollout import RolloutWorker
 from jobs.common import check_cluster_resources, connect_ray, prepare_base_model
 from jobs.ppo import PPOTrainer
 from relay.config import RelayConfig, load_config

@@ -36,7 +36,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-from actors.rollout import ENGINE_ENV
+from actors.engine import ENGINE_ENV, engine_options, reload_weights
 from jobs.common import connect_ray, latest_checkpoint, policy_path, run_directory
 from relay.config import RelayConfig, load_config
 from relay.storage import write_atomic
@@ -143,15 +143,7 @@ def llm_config(served: Served, autoscaling: dict[str, Any] | None = None) -> LLM
     """The engine as the run's rollout engines ran (dtype, context, eager on CPU), sized for a small machine: one
     bundle per tensor-parallel rank. `autoscaling`: Serve's own autoscaling_config for the engine replicas."""
     config, rollout = served.config, served.config.rollout
-    engine: dict[str, Any] = {"dtype": config.policy.dtype, "max_model_len": rollout.max_model_len,
-                              "tensor_parallel_size": rollout.tensor_parallel_size,
-                              "enforce_eager": rollout.enforce_eager or config.device == "cpu"}
-    if config.device == "cpu":
-        engine["kv_cache_memory_bytes"] = rollout.kv_cache_memory_mb * 2**20
-        bundle = {"CPU": 1}
-    else:
-        engine["gpu_memory_utilization"] = rollout.gpu_memory_utilization
-        bundle = {"GPU": 1}
+    bundle = {"CPU": 1} if config.device == "cpu" else {"GPU": 1}
     follow = None
     if served.follow and served.run_dir is not None:
         follow = {"run_dir": str(served.run_dir.resolve()), "checkpoint": Path(served.path).resolve().parent.name,
@@ -160,7 +152,7 @@ def llm_config(served: Served, autoscaling: dict[str, Any] | None = None) -> LLM
         model_loading_config={"model_id": served.model_id, "model_source": served.path},
         server_cls=FollowingLLMServer if follow else None,
         experimental_configs={"relay_follow": follow} if follow else {},
-        engine_kwargs=engine,
+        engine_kwargs=engine_options(config),
         placement_group_config={"bundles": [bundle] * rollout.tensor_parallel_size},
         # The engine runs in the replica's own process (ENGINE_ENV): its bundle is the replica's compute, and the
         # replica asks for no CPU of its own on top (Serve LLM's default of one would double it).
@@ -190,7 +182,8 @@ class FollowingLLMServer(LLMServer):
             current = newest.name  # tried once: a checkpoint that does not load is not tried again
             await self.pause(mode="wait")
             try:
-                await self.collective_rpc("reload_weights", kwargs={"weights_path": str(newest / "policy")})
+                # As the rollout engines load weights (actors/engine.py): the KV cache zeroed with it.
+                await self.collective_rpc(reload_weights, kwargs={"weights_path": str(newest / "policy")})
                 await self.reset_prefix_cache()
                 logger.info("now serving %s", newest / "policy")
             except Exception:  # noqa: BLE001 - a checkpoint that cannot load: keep serving the current one

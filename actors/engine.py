@@ -1,0 +1,55 @@
+"""What every vLLM engine of relay shares, the rollout fleet's (actors/rollout.py) and `relay serve`'s replicas
+(jobs/serve.py): how it is configured from the run's config, and how it loads new weights.
+
+A weight load is more than the load: everything the old weights computed must go, the prefix cache and the KV
+cache's contents. Attention kernels that read a whole block (vLLM's CPU kernel; FlashAttention 3 on GPUs) mask a
+stale slot's score but still multiply its value by that zero, and 0 x NaN is NaN: one NaN an earlier policy left in
+a free block made every later generation NaN, whatever the weights (tests/test_actors.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.config import RelayConfig
+
+# The engine runs inside the actor's own process (the default multiprocess engine would start another process
+# per worker and hand `collective_rpc` arguments over as lists rather than tensors). The rest keeps the job log to
+# its one line per iteration: vLLM's warnings are about CPU tuning (LD_PRELOAD, Triton), defaults we chose
+# (eager mode, seed) and, on every weight sync, the rotary embedding having no weights to load; torch's C++
+# warnings are the NUMA binding notice; the Python one is vLLM's use of `torch.distributed.reduce_op`.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "PYTHONWARNINGS": "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",
+}
+
+
+def engine_options(config: RelayConfig) -> dict[str, Any]:
+    """vLLM engine arguments of an engine that generates as the run's rollout engines do: their dtype, context
+    length, tensor parallelism and memory (an explicit KV size on CPUs: a share of "available" memory fails as
+    soon as other roles are loading)."""
+    rollout = config.rollout
+    options: dict[str, Any] = {
+        "dtype": rollout.dtype,
+        "max_model_len": rollout.max_model_len,
+        "tensor_parallel_size": rollout.tensor_parallel_size,
+        "enforce_eager": rollout.enforce_eager or config.device == "cpu",
+    }
+    if config.device == "cpu":
+        options["kv_cache_memory_bytes"] = rollout.kv_cache_memory_mb * 2**20
+    else:
+        options["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+    return options
+
+
+def reload_weights(worker: Any, last: bool = True, **source: Any) -> None:
+    """Run in each of an engine's workers (`collective_rpc(reload_weights, kwargs=...)`): vLLM's own in-place
+    reload from `weights_iterator` or `weights_path`, then, once the `last` part of the new weights is in, the KV
+    cache zeroed. The engine's prefix cache is the caller's to reset (it lives in the scheduler, not the workers)."""
+    worker.reload_weights(**source)
+    if last:
+        for cache in worker.model_runner.kv_caches:
+            for tensor in cache if isinstance(cache, (list, tuple)) else (cache,):
+                tensor.zero_()

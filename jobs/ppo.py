@@ -49,6 +49,7 @@ from jobs.common import (
 from jobs.reward_model import run_reward_model_training
 from jobs.sft import run_warm_start
 from relay import ppo
+from relay import preflight
 from relay.batch import RolloutBatch, concat_batches, pad_left, pad_right, request_seeds
 from relay.config import RelayConfig, config_from_command_line, dump_config, load_config
 from relay.metrics import MetricsLogger, plot_reward_curve
@@ -947,6 +948,9 @@ class Terminated(Exception):
 
 def main(argv: list[str] | None = None) -> dict:
     config = config_from_command_line("PPO on Ray: vLLM rollouts, DeepSpeed learners.", argv)
+    problems = preflight.errors(config, check_output_dir, check_resumable)  # relay check's, every one listed
+    if problems:
+        sys.exit("\n".join(problems))
     try:
         trainer = PPOTrainer(config)  # loads and checks the prompts: before Ray starts
     except ValueError as error:

@@ -2,6 +2,8 @@
 
     relay demo [--pipeline rlhf|grpo] [overrides] the embedded default: local Ray, tiny model, warm start, PPO
                                                   (rlhf: + a reward model from simulated preferences; grpo: GRPO)
+    relay check --config FILE [overrides]         every check before a run (models, data, reward, resources, run
+                                                  directory, resume) without training: one table, `error:` lines
     relay train --config FILE [overrides]         PPO here (joins RAY_ADDRESS's cluster, else a local Ray)
     relay sft --config FILE [overrides]           the supervised warm start alone
     relay reward-model --config FILE [overrides]  a Bradley-Terry reward model alone
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ppo: warm start + PPO on the task's reward; rlhf: + a learned reward model; "
                            "grpo: warm start + GRPO (no critic)")
     demo.add_argument("overrides", nargs="*", help="dotted.key=value")
-    for name, text in (("train", "PPO (jobs/ppo.py)"), ("sft", "supervised warm start (jobs/sft.py)"),
+    for name, text in (("check", "every check before a run, without training (relay/preflight.py)"),
+                       ("train", "PPO (jobs/ppo.py)"), ("sft", "supervised warm start (jobs/sft.py)"),
                        ("reward-model", "Bradley-Terry reward model (jobs/reward_model.py)")):
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", required=True)
@@ -107,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in leftover):
             parser.error(f"unrecognized arguments: {' '.join(leftover)}")
         args.overrides += leftover
+    if args.command == "check":
+        check(args.config, args.overrides)
+        return
     if args.command in ("demo", "train"):
         from jobs.ppo import main as ppo_main
 
@@ -172,6 +178,25 @@ def main(argv: list[str] | None = None) -> None:
             print(cluster.control_call(args.job_id, "request_rollout_workers", (args.rollout_workers,), args.address))
         except LookupError as error:
             sys.exit(str(error))
+
+
+def check(config_path: str, overrides: list[str]) -> None:
+    """`relay check`: the table on stdout; exits non-zero with one `error:` line per problem."""
+    from jobs.common import check_output_dir
+    from jobs.ppo import check_resumable
+    from relay import preflight
+    from relay.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as error:  # "invalid config FILE:" and then a line per field
+        lines = str(error).splitlines()
+        sys.exit("\n".join(f"error: {line.strip()}" for line in lines[1:] or lines))
+    checks = preflight.run_checks(config, check_output_dir, check_resumable)
+    preflight.print_table(checks)
+    problems = preflight.problem_lines(checks)
+    if problems:
+        sys.exit("\n".join(problems))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from jobs.common import connect_ray, policy_path
 from relay.batch import request_seeds
 from relay.config import RelayConfig, load_config
 from relay.labels import CHOICES, LabelStore
-from relay.models import load_tokenizer
+from relay.models import check_same_tokenizer, load_tokenizer
 from relay.prompts import load_prompt_data
 
 PAGE = Path(__file__).with_name("label.html")
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(args.models) > 2:
             raise ValueError("name one model (two samples per prompt) or two (one answer each)")
         models = [policy_path(model) for model in args.models]
+        if len(models) == 2:  # MODEL_B's weights go into MODEL's engine: they must read the same token ids
+            check_same_tokenizer(load_tokenizer(models[0]), load_tokenizer(models[1]), models[0], models[1])
         config = load_config(args.config)
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def add_comparisons(config: RelayConfig, models: list[str], store: LabelStore, count: int) -> int:
     """`count` held-out prompts, each with two answers (two samples of one model, or one of each of two), sampled
-    at the rollout temperature and stored in random order."""
+    at the rollout temperature and stored in random order. The prompts are rendered with the config's chat template,
+    else the one the policy's checkpoint carries: the run's, as its training rendered them."""
     tokenizer = load_tokenizer(models[0])
     prompts = load_prompt_data(config, tokenizer).eval[:count]
     existing = store.counts()["comparisons"]

@@ -4,8 +4,9 @@
 
 Reads pairs from `reward_model_training.data` (jsonl, parquet or a Hugging Face dataset; chat format rendered with
 the run's chat template, as PPO's prompts are) or, when it is unset, asks a simulated annotator to judge candidate
-answers to `data.task` by the task's reward. Starts from the base model (`policy.model` or the tiny model), puts a one-label
-score head on it (AutoModelForSequenceClassification), and minimises −log σ(score(chosen) − score(rejected)).
+answers to `data.task` by the task's reward. Starts from the base model (`policy.model` or the tiny model), puts a
+one-label score head on it (AutoModelForSequenceClassification), and minimises −log σ(score(chosen) −
+score(rejected)).
 Saves a Hugging Face checkpoint through Ray Train's checkpointing, with held-out pair accuracy and mean margin; a
 PPO run uses it with `reward.type: model` and `reward.model: <path>`.
 """

@@ -92,7 +92,9 @@ def check_scoring_tokenizers(config: RelayConfig, policy_tokenizer: PreTrainedTo
     reference.model) share its token ids (check_same_tokenizer). A reward model trained in the run starts from
     the policy's own base model, and a function or remote reward reads text: neither is checked."""
     policy_name = f"policy.model {config.policy.model}" if config.policy.model else "the tiny policy"
-    scorers = {"critic.model": config.critic.model, "reference.model": config.reference.model}
+    scorers = {"reference.model": config.reference.model}
+    if config.algorithm.uses_critic:
+        scorers["critic.model"] = config.critic.model
     if config.reward.type == "model" and config.reward_model_training is None:
         scorers["reward.model"] = config.reward.model
     for field, model in scorers.items():

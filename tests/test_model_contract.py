@@ -26,7 +26,8 @@ from relay.preferences import PreferencePair, collate_preferences, load_preferen
 from tests.conftest import BPE_CHAT_TEMPLATE, tiny_run_config
 
 # The run's own template, unlike the tokenizer's: a system line before the conversation.
-RUN_TEMPLATE = BPE_CHAT_TEMPLATE.replace("{{ bos_token }}", "{{ bos_token }}<|im_start|>system\nreverse digits<|im_end|>\n")
+RUN_TEMPLATE = BPE_CHAT_TEMPLATE.replace("{{ bos_token }}",
+                                        "{{ bos_token }}<|im_start|>system\nreverse digits<|im_end|>\n")
 
 
 def chat(question: str) -> list[dict[str, str]]:
@@ -137,6 +138,11 @@ def test_a_scoring_model_with_another_tokenizer_is_refused_naming_both(bpe_model
     config = tiny_run_config(tmp_path, "reward.type=function", f"reference.model={tmp_path / 'missing'}")
     with pytest.raises(ValueError, match=rf"^reference.model {tmp_path / 'missing'}: no tokenizer can be loaded"):
         check_scoring_tokenizers(config, char)
+    # relay label with two models loads the second one's weights into the first one's engine.
+    from jobs.label import main as label_main
+
+    with pytest.raises(SystemExit, match=rf"^error: {tiny_model} does not read the token ids of {bpe_model}: "):
+        label_main(["--config", str(tmp_path / "config.yaml"), str(bpe_model), str(tiny_model)])
 
 
 # --- chat preference pairs ---------------------------------------------------------------------------------------
@@ -168,3 +174,97 @@ def test_chat_pairs_are_answers_to_their_conversation_and_split_by_it(bpe_model,
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(ValueError, match=rf"{path}:2: 'rejected' ends with a message from 'user', not 'assistant'"):
         load_preferences(path, tokenizer)
+
+
+# --- the whole pipeline on the BPE model -------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def reverse_chats(count: int) -> list[tuple[list[dict[str, str]], str, str]]:
+    """(conversation, right answer, a copy of the digits) for `count` reverse prompts as data.task writes them."""
+    import random
+
+    rng = random.Random(0)
+    chats = []
+    for _ in range(count):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))
+        chats.append((chat(f"{digits}="), digits[::-1], digits))
+    return chats
+
+
+@pytest.mark.slow
+def test_warm_start_reward_model_ppo_eval_and_serve_share_the_runs_tokenizer(ray_session, bpe_model, tmp_path):
+    """Warm start -> reward model -> PPO -> relay eval -> relay serve on the BPE model, the chat template set once in
+    the config (not the tokenizer's own): every model the run saves carries it, relay eval scores the final policy as
+    training's evaluation did, and the served chat completion is transformers' greedy decoding of the conversation
+    rendered with it."""
+    from openai import OpenAI
+    from ray import serve
+    from transformers import AutoModelForCausalLM
+
+    from jobs.evaluate import evaluate
+    from jobs.ppo import PPOTrainer
+    from jobs.serve import resolve, start
+    from tests.live_ray import free_port
+
+    chats = reverse_chats(48)
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": conversation + [{"role": "assistant", "content": answer}]}
+                                               for conversation, answer, _ in chats])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": conversation, "chosen": [{"role": "assistant", "content": answer}],
+         "rejected": [{"role": "assistant", "content": copy}]} for conversation, answer, copy in chats])
+    run_dir = tmp_path / "run"
+    overrides = [
+        "tiny_model=null", f"policy.model={bpe_model}", f"data.chat_template={json.dumps(RUN_TEMPLATE)}",
+        "data.apply_chat_template=true", "run.iterations=1", "data.eval_prompts=4",
+        f"warm_start.data={sft}", "warm_start.steps=4", "warm_start.batch_size=8",
+        "warm_start.resources.cpus_per_rank=0.5",
+        f"reward_model_training.data={pairs}", "reward_model_training.steps=4", "reward_model_training.batch_size=8",
+        "reward_model_training.dtype=float32", "reward_model_training.resources.cpus_per_rank=0.5",
+        "reward.type=model", "reward.dtype=float32",
+    ]
+    config = tiny_run_config(run_dir, *overrides)
+    trainer = PPOTrainer(config)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.shutdown()
+
+    # Every model the run wrote carries the run's template and its pad (EOS) beside the weights.
+    saved = {"warm start": summary["reference_model"], "reward model": summary["reward_model"],
+             **{name: run_dir / name for name in ("checkpoints/iter_000001/policy", "checkpoints/iter_000001/critic",
+                                                   "policy", "policy_best")}}
+    for name, path in saved.items():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert tokenizer.chat_template == RUN_TEMPLATE, name
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id, name
+
+    # relay eval, the final policy against the run's reference, with the run's reward model: what training's own
+    # evaluation measured, the same samples scored at the same tokens.
+    report = evaluate(run_dir / "config.yaml", [str(run_dir)], None, tmp_path / "eval" / "eval.json", [])
+    evaluated = report["results"][str(run_dir)]
+    assert evaluated["eval/reward"] == pytest.approx(summary["eval_after"]["eval/reward"], abs=1e-4)
+    assert evaluated["eval/score"] == pytest.approx(summary["eval_after"]["eval/score"])
+
+    # relay serve, told nothing about templates: the chat is rendered as training rendered its prompts.
+    served = resolve(str(run_dir), None, None, "bpe")
+    port = free_port()
+    start(served, "127.0.0.1", port, None)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        conversation = chats[0][0]
+        completion = client.chat.completions.create(model="bpe", messages=conversation, max_tokens=8, temperature=0)
+    finally:
+        serve.shutdown()
+    tokenizer = load_tokenizer(served.path)
+    ids = tokenize_prompt(tokenizer, render_chat(conversation, tokenizer, RUN_TEMPLATE, add_generation_prompt=True))
+    assert completion.usage.prompt_tokens == len(ids)  # the run's template, its system line included
+    answer = completion.choices[0].message.content
+    model = AutoModelForCausalLM.from_pretrained(served.path, dtype=torch.float32)
+    greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert answer == tokenizer.decode(greedy[0, len(ids):], skip_special_tokens=True)

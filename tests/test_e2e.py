@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from jobs.evaluate import main as evaluate_main
@@ -102,12 +103,16 @@ def test_ppo_end_to_end_then_resume(ray_session, tmp_path):
 
 
 def test_generating_ahead_trains_one_version_behind_and_resumes_at_its_prompts(ray_session, tmp_path):
-    overrides = ["rollout.generate_ahead=true", "run.checkpoint_every=1"]
+    # A cap of 1: each token's weight is min(π_old / π_sampler, 1), below 1 wherever the update made the token less
+    # likely and exactly 1 (capped) wherever it made it more likely; both happen among a batch's tokens.
+    overrides = ["rollout.generate_ahead=true", "run.checkpoint_every=1", "algorithm.behavior_weight_cap=1.0"]
     run(tiny_run_config(tmp_path, *overrides))
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["policy/staleness"] for row in rows] == [0.0, 1.0]  # iteration 2 trains on the version-0 samples
     assert "policy/behavior_weight_mean" not in rows[0]
-    assert 0.0 < rows[1]["policy/behavior_weight_mean"] <= 2.0  # min(π_old / π_sampler, 2), 1 where they agree
+    # All 1 (no correction, or the sampler's own policy taken for π_old) or uncapped would fail one of these.
+    assert 0.0 < rows[1]["policy/behavior_weight_mean"] < 1.0
+    assert 0.0 < rows[1]["policy/behavior_weight_capped"] < 1.0
     assert rows[1]["policy/sampler_logprob_gap"] > rows[0]["policy/sampler_logprob_gap"]
     assert "time/generate_wait" in rows[0] and "time/generate_wait" not in rows[1]  # nothing ahead of the last
     # Each checkpoint's data cursor leaves out the prompts of the batch generated ahead: a resumed run draws them.
@@ -260,10 +265,17 @@ def test_grpo_with_a_lora_policy_dynamic_sampling_and_a_kl_loss_then_resume(ray_
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                         checkpoint / "policy_adapter").merge_and_unload().state_dict()
     assert all(torch.allclose(adapted[name], final[name], atol=1e-6) for name in final)
-    # The adapters and their optimizer state are in the DeepSpeed checkpoint: the run resumes from it.
+    # The adapters and their optimizer state are in the DeepSpeed checkpoint: the run resumes from it. The engines
+    # restart on the checkpoint's merged policy; the learner's log-probs of their samples equal the sampler's only
+    # if it resumed the trained adapters (fresh ones would score the base model, which lr 0.01 has left behind).
     resumed = run(tiny_run_config(tmp_path, *overrides, "run.iterations=3"))
     assert resumed["samples"] == 3 * 4 * 4
-    assert [row["iteration"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [row["iteration"] for row in rows] == [1, 2, 3]
+    assert rows[2]["policy/sampler_logprob_gap"] < 1e-5
+    adapters = [load_file(str(tmp_path / "checkpoints" / name / "policy_adapter" / "adapter_model.safetensors"))
+                for name in ("iter_000002", "iter_000003")]
+    assert any(not torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])  # trained on
 
 
 def test_early_stopping_keeps_the_best_checkpoint_and_the_kl_budget_stops_the_run(ray_session, tmp_path):

@@ -1,13 +1,13 @@
-"""Tier 2: `relay serve --follow` on Ray Serve LLM with vLLM, serving a run directory whose tiny policy's tokenizer
-has a chat template: both OpenAI endpoints answer as greedy decoding of the same weights does, streaming too; a
-malformed request gets a 4xx with a clear message; without the API key nothing is answered; a newer checkpoint is
-picked up while requests keep coming, none dropped."""
+"""Tier 2: `relay serve --follow` on Ray Serve LLM with vLLM, serving a run directory whose config names a chat
+template, its checkpoint saved as a learner saves one (with the run's tokenizer, which carries the template): both
+OpenAI endpoints answer as greedy decoding of the same weights does, streaming too; a malformed request gets a 4xx
+with a clear message; without the API key nothing is answered; a newer checkpoint is picked up while requests keep
+coming, none dropped."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +22,7 @@ import jobs.serve
 from jobs.serve import resolve, start
 from relay.config import dump_config
 from relay.models import load_tokenizer
+from relay.zero import save_pretrained
 from tests.conftest import tiny_run_config
 from tests.live_ray import free_port
 
@@ -40,11 +41,11 @@ def server(ray_session, tiny_model, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("served") / "run"
     model = run_dir / "checkpoints" / "iter_000001" / "policy"
-    shutil.copytree(tiny_model, model)
-    tokenizer = load_tokenizer(str(model))
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(model)
-    (run_dir / "config.yaml").write_text(dump_config(tiny_run_config(run_dir)))
+    config = tiny_run_config(run_dir, f"data.chat_template={json.dumps(CHAT_TEMPLATE)}")
+    # As a policy learner saves (relay.zero.save_pretrained): the weights and the run's tokenizer, nothing by hand.
+    save_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), load_tokenizer(str(tiny_model),
+                    config.chat_template), zero_stage=2, rank=0, path=model)
+    (run_dir / "config.yaml").write_text(dump_config(config))
     poll_s, jobs.serve.FOLLOW_POLL_S = jobs.serve.FOLLOW_POLL_S, 0.5
     try:
         served = resolve(str(run_dir), None, None, "tiny", follow=True)

@@ -77,11 +77,11 @@ def check_same_tokenizer(policy_tokenizer: PreTrainedTokenizerBase, other_tokeni
                            if policy_vocab.get(token) != other_vocab.get(token))
         problems.append(f"{len(differing)} tokens differ in id or presence (e.g. {differing[:3]}; vocabularies of "
                         f"{len(policy_vocab)} and {len(other_vocab)})")
-    for special in ("bos", "eos"):
-        policy_id, other_id = (getattr(tokenizer, f"{special}_token_id") for tokenizer in (policy_tokenizer,
-                                                                                       other_tokenizer))
+    for special in ("BOS", "EOS"):
+        attribute = f"{special.lower()}_token_id"
+        policy_id, other_id = getattr(policy_tokenizer, attribute), getattr(other_tokenizer, attribute)
         if policy_id != other_id:
-            problems.append(f"{special.upper()} id {policy_id} against {other_id}")
+            problems.append(f"{special} id {policy_id} against {other_id}")
     if problems:
         raise ValueError(f"{other_name} does not read the token ids of {policy_name}: {'; '.join(problems)}; "
                          f"use a model with the policy's tokenizer (trained from the same base model)")

@@ -1,5 +1,5 @@
 """What every vLLM engine of relay shares, the rollout fleet's (actors/rollout.py) and `relay serve`'s replicas
-(jobs/serve.py): how it is configured from the run's config, and how it loads new weights.
+(jobs/serve.py): how it is configured from the run's config, and how it loads new weights (EngineWorker).
 
 A weight load is more than the load: everything the old weights computed must go, the prefix cache and the KV
 cache's contents. Attention kernels that read a whole block (vLLM's CPU kernel; FlashAttention 3 on GPUs) mask a
@@ -36,6 +36,7 @@ def engine_options(config: RelayConfig) -> dict[str, Any]:
         "max_model_len": rollout.max_model_len,
         "tensor_parallel_size": rollout.tensor_parallel_size,
         "enforce_eager": rollout.enforce_eager or config.device == "cpu",
+        "worker_extension_cls": f"{__name__}.{EngineWorker.__name__}",
     }
     if config.device == "cpu":
         options["kv_cache_memory_bytes"] = rollout.kv_cache_memory_mb * 2**20
@@ -44,12 +45,18 @@ def engine_options(config: RelayConfig) -> dict[str, Any]:
     return options
 
 
-def reload_weights(worker: Any, last: bool = True, **source: Any) -> None:
-    """Run in each of an engine's workers (`collective_rpc(reload_weights, kwargs=...)`): vLLM's own in-place
-    reload from `weights_iterator` or `weights_path`, then, once the `last` part of the new weights is in, the KV
-    cache zeroed. The engine's prefix cache is the caller's to reset (it lives in the scheduler, not the workers)."""
-    worker.reload_weights(**source)
-    if last:
-        for cache in worker.model_runner.kv_caches:
-            for tensor in cache if isinstance(cache, (list, tuple)) else (cache,):
-                tensor.zero_()
+class EngineWorker:
+    """Mixed into each of an engine's vLLM workers (EngineArgs.worker_extension_cls), so that a load is one call
+    by name, `collective_rpc("load_policy_weights", kwargs=...)`, which every engine client can send (a
+    multiprocess engine, as Serve's is, accepts method names, not functions). Its name must not be one the worker
+    has already (reload_weights, update_weights, ...)."""
+
+    def load_policy_weights(self, last: bool = True, **source: Any) -> None:
+        """vLLM's own in-place reload from `weights_iterator` or `weights_path`, then, once the `last` part of the
+        new weights is in, the KV cache zeroed. The engine's prefix cache is the caller's to reset (it lives in the
+        scheduler, not in the workers)."""
+        self.reload_weights(**source)  # type: ignore[attr-defined]  # the vLLM worker's own
+        if last:
+            for cache in self.model_runner.kv_caches:  # type: ignore[attr-defined]
+                for tensor in cache if isinstance(cache, (list, tuple)) else (cache,):
+                    tensor.zero_()

@@ -17,7 +17,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.engine import ENGINE_ENV, engine_options, reload_weights
+from actors.engine import ENGINE_ENV, engine_options
 from actors.usage import Usage
 from relay.config import RelayConfig
 from relay.placement import engine_placement
@@ -101,8 +101,8 @@ class RolloutWorker(Usage):
         with self.busy("load_weights"):
             for position, ref in enumerate(buckets):
                 bucket = ray.get(ref)  # vLLM copies each tensor into the engine's own storage
-                self.engine.collective_rpc(reload_weights, kwargs={"weights_iterator": list(bucket.items()),
-                                                                   "last": position == len(buckets) - 1})
+                self.engine.collective_rpc("load_policy_weights", kwargs={
+                    "weights_iterator": list(bucket.items()), "last": position == len(buckets) - 1})
                 del bucket  # one bucket in memory at a time
             self.engine.reset_prefix_cache()
         self.policy_version = policy_version
@@ -111,7 +111,7 @@ class RolloutWorker(Usage):
     def load_weights_from(self, model_path: str, policy_version: int) -> int:
         """Load weights from a Hugging Face checkpoint directory, in place."""
         with self.busy("load_weights"):
-            self.engine.collective_rpc(reload_weights, kwargs={"weights_path": model_path})
+            self.engine.collective_rpc("load_policy_weights", kwargs={"weights_path": model_path})
             self.engine.reset_prefix_cache()
         self.policy_version = policy_version
         return policy_version

@@ -36,7 +36,7 @@ from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 
-from actors.engine import ENGINE_ENV, engine_options, reload_weights
+from actors.engine import ENGINE_ENV, engine_options
 from jobs.common import connect_ray, latest_checkpoint, policy_path, run_directory
 from relay.config import RelayConfig, load_config
 from relay.storage import write_atomic
@@ -179,15 +179,15 @@ class FollowingLLMServer(LLMServer):
             newest = latest_checkpoint(run_dir)
             if newest is None or newest.name <= current:
                 continue
-            current = newest.name  # tried once: a checkpoint that does not load is not tried again
+            serving, current = current, newest.name  # tried once: one that does not load is not tried again
             await self.pause(mode="wait")
             try:
                 # As the rollout engines load weights (actors/engine.py): the KV cache zeroed with it.
-                await self.collective_rpc(reload_weights, kwargs={"weights_path": str(newest / "policy")})
+                await self.collective_rpc("load_policy_weights", kwargs={"weights_path": str(newest / "policy")})
                 await self.reset_prefix_cache()
                 logger.info("now serving %s", newest / "policy")
             except Exception:  # noqa: BLE001 - a checkpoint that cannot load: keep serving the current one
-                logger.exception("could not load %s; still serving %s", newest / "policy", current)
+                logger.exception("could not load %s; still serving %s", newest / "policy", serving)
             finally:
                 await self.resume()
 

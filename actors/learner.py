@@ -2,7 +2,7 @@
 
 Surface, the same for both roles: `score(batch)` (old log-probs, or values, of this rank's shard; with LoRA the
 policy also gives the reference's, `score_reference`, its adapters switched off), `train(batch)`
-(PPO epochs over this rank's shard), `weight_buckets()` (for the weight sync), `save(dir)` / `load(dir)`.
+(PPO epochs, this rank on its share of each mini-batch), `weight_buckets()` (for the weight sync), `save(dir)` / `load(dir)`.
 Every rank gets the whole batch by reference and takes its own contiguous shard, so the driver never splits
 tensors. Under ZeRO-3 every collective must run on every rank: all methods here are called on all ranks at once.
 """
@@ -18,7 +18,7 @@ import torch
 
 from actors.usage import Usage
 from relay import ppo
-from relay.batch import RolloutBatch
+from relay.batch import RolloutBatch, shard_bounds
 from relay.config import RelayConfig
 from relay.losses import Objective, policy_objective, value_objective
 from relay.models import add_lora, load_tokenizer, response_logits, response_values, score_in_micro_batches
@@ -130,15 +130,15 @@ class Learner(Usage):
         """The scoring pass as the first epoch's forward: in training mode (dropout is off, so it computes the same
         numbers), with gradients, each micro-batch's output kept for `train`."""
         self.engine.train()
-        shard = batch.shard(self.rank, self.world_size)
+        start, end = shard_bounds(len(batch), self.rank, self.world_size)
         kept, scores = [], []
-        for rows in torch.arange(len(shard)).split(self.section.micro_batch_size):
-            part = shard.select(rows).to(self.device)
+        for rows in torch.arange(start, end).split(self.section.micro_batch_size):  # rows of the whole batch
+            part = batch.select(rows).to(self.device)
             output = self._forward(part)
             kept.append((rows, output))
             detached = output.detach()
             scores.append((ppo.token_logprobs(detached, part.response_ids) if self.role == "policy" else detached).cpu())
-        self._kept = (shard.response_ids, kept)
+        self._kept = (batch.response_ids[start:end], kept)
         return torch.cat(scores)
 
     def _score(self, batch: RolloutBatch, temperature: float | None = None) -> torch.Tensor:
@@ -160,46 +160,53 @@ class Learner(Usage):
             return self._score(batch, temperature)
 
     def train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
-        """`algorithm.epochs` passes over this rank's shard, each in `mini_batches` shuffled mini-batches with one optimizer
-        step apiece (gradients accumulated over its micro-batches); returns mean statistics."""
+        """`algorithm.epochs` passes over the batch, each in `mini_batches` shuffled mini-batches with one optimizer
+        step apiece, this rank training on its share of each (gradients accumulated over its micro-batches);
+        returns mean statistics."""
         with self.busy("train"):
             return self._train(batch, iteration)
 
     def _train(self, batch: RolloutBatch, iteration: int) -> dict[str, float]:
         self.engine.train()
-        shard = batch.shard(self.rank, self.world_size)
         kept, self._kept = self._kept, None
-        if kept is not None and not torch.equal(kept[0], shard.response_ids):
+        start, end = shard_bounds(len(batch), self.rank, self.world_size)
+        if kept is not None and not torch.equal(kept[0], batch.response_ids[start:end]):
             kept = None  # scored another batch: forward again
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101 + self.rank)
-        mini_batch_rows = len(shard) // self.algorithm.mini_batches  # the config checks that both divide evenly
+        # One shuffle of the whole batch, the same on every rank, so the mini-batches (and the steps) do not
+        # depend on how many ranks share them: each rank takes its contiguous share of each mini-batch.
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + iteration * 101)
+        mini_batch_rows = len(batch) // self.algorithm.mini_batches  # the config checks that all divide evenly
         tally = _Tally()
         for epoch in range(self.algorithm.epochs):
-            order = torch.randperm(len(shard), generator=generator).split(mini_batch_rows)
+            order = torch.randperm(len(batch), generator=generator).split(mini_batch_rows)
             # The scoring pass's micro-batches and outputs (the whole batch, as the one mini-batch).
             reused = kept[1] if kept is not None and epoch == 0 else None
             mini_batches = ([[rows for rows, _ in reused]] if reused
-                            else [mini_batch.split(self.section.micro_batch_size) for mini_batch in order])
-            for micro_batches, counts in zip(mini_batches, self._count(shard, mini_batches), strict=True):
+                            else [self._share(mini_batch).split(self.section.micro_batch_size) for mini_batch in order])
+            for micro_batches, counts in zip(mini_batches, self._count(batch, mini_batches), strict=True):
                 outputs = [output for _, output in reused] if reused else [None] * len(micro_batches)
-                self._step(shard, micro_batches, outputs, counts, tally)
+                self._step(batch, micro_batches, outputs, counts, tally)
         return tally.means(self.role, steps=self.algorithm.epochs * len(mini_batches)) | {
             f"{self.role}/lr": self.engine.get_lr()[0]}
 
-    def _count(self, shard: RolloutBatch, mini_batches: list[list[torch.Tensor]]) -> list[ppo.LossCounts]:
+    def _share(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of a mini-batch's `rows`."""
+        return rows[slice(*shard_bounds(len(rows), self.rank, self.world_size))]
+
+    def _count(self, batch: RolloutBatch, mini_batches: list[list[torch.Tensor]]) -> list[ppo.LossCounts]:
         """Each mini-batch's real tokens and sequences over all ranks (one all-reduce for the epoch's mini-batches):
         what every loss of its micro-batches is divided by (relay.losses)."""
-        local = torch.tensor([[float(shard.response_mask[torch.cat(rows)].sum()), float(sum(map(len, rows)))]
+        local = torch.tensor([[float(batch.response_mask[torch.cat(rows)].sum()), float(sum(map(len, rows)))]
                               for rows in mini_batches], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(local)
         return [ppo.LossCounts(tokens=tokens, sequences=sequences) for tokens, sequences in local.tolist()]
 
-    def _step(self, shard: RolloutBatch, micro_batches: list[torch.Tensor], outputs: list[torch.Tensor | None],
+    def _step(self, batch: RolloutBatch, micro_batches: list[torch.Tensor], outputs: list[torch.Tensor | None],
               counts: ppo.LossCounts, tally: _Tally) -> None:
-        """One optimizer step on one mini-batch, its gradient accumulated over `micro_batches`."""
+        """One optimizer step on one mini-batch, its gradient accumulated over `micro_batches` (rows of `batch`)."""
         for position, (rows, output) in enumerate(zip(micro_batches, outputs, strict=True)):
-            objective, output = self._loss(shard.select(rows).to(self.device), counts, output)
+            objective, output = self._loss(batch.select(rows).to(self.device), counts, output)
             loss = objective.loss
             if not torch.isfinite(loss):
                 # Nothing trains on a non-finite loss: this micro-batch's gradient is exactly zero (through

@@ -30,6 +30,7 @@ from jobs.ppo import DriverState, PPOTrainer, latest_checkpoint
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig, load_config
 from relay.evaluation import EvalScorers
+from relay.models import check_same_tokenizer, load_tokenizer
 from relay.placement import role_placement
 from relay.storage import write_atomic
 
@@ -63,6 +64,10 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
     run_dir = run_directory(models[0]) or Path(run_config.run.output_dir)
     reference = policy_path(against) if against else run_reference(run_dir)
     config = eval_config(config_path, overrides, next(iter(policies.values())), run_dir, output)
+    reference_tokenizer = load_tokenizer(reference, config.chat_template)
+    for name, path in policies.items():  # every policy is scored by the reference's engine and in its token ids
+        check_same_tokenizer(reference_tokenizer, load_tokenizer(path, config.chat_template),
+                             f"the reference {reference}", name)
     trainer = PPOTrainer(config)  # the held-out prompts, their evaluation, the task's scorer: as the run had them
 
     connect_ray(config)
@@ -138,6 +143,8 @@ def eval_config(config_path: Path, overrides: list[str], first_policy: str, run_
     extra = ["tiny_model=null", f"policy.model={first_policy}", "warm_start=null", "reward_model_training=null",
              "reference.colocate_with_policy=false", "reward.colocate_with_policy=false",
              f"run.output_dir={output.parent.resolve() / 'eval-run'}", "run.resume=never"]
+    if config.warm_start is not None and config.warm_start.data and not config.eval.text_data:
+        extra.append(f"eval.text_data={config.warm_start.data}")  # the perplexity's text set, as in training
     if config.reward.type == "model" and not config.reward.model:
         checkpoint = latest_checkpoint(run_dir) if run_dir.is_dir() else None
         trained = checkpoint and DriverState.read(checkpoint).reward_model

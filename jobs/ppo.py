@@ -53,7 +53,7 @@ from relay import preflight
 from relay.batch import RolloutBatch, concat_batches, pad_left, pad_right, request_seeds
 from relay.config import RelayConfig, config_from_command_line, dump_config, load_config
 from relay.metrics import MetricsLogger, plot_reward_curve
-from relay.models import build_tokenizer, load_tokenizer
+from relay.models import build_tokenizer, check_scoring_tokenizers, load_tokenizer
 from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
 from relay.placement import role_placement
 from relay.prompts import Prompt, data_alphabet, load_prompt_data, max_prompt_tokens
@@ -114,6 +114,7 @@ class PPOTrainer:
         if config.reward.type != "model":
             build_reward_source(config.reward, task_of(config.data), config.data.task)  # imports reward.function
         self.tokenizer = initial_tokenizer(config)
+        check_scoring_tokenizers(config, self.tokenizer)  # reward, critic and reference read the policy's token ids
         self.data = load_prompt_data(config, self.tokenizer)
         counts = self.data.counts
         if counts.dropped or counts.truncated:
@@ -864,12 +865,12 @@ def differences(path: str, old: object, new: object) -> Iterator[tuple[str, obje
 def initial_tokenizer(config: RelayConfig) -> PreTrainedTokenizerBase:
     """The policy's tokenizer before any model is loaded: a tiny model's is built from the data's characters."""
     if config.tiny_model is not None:
-        return build_tokenizer(data_alphabet(config))
+        return build_tokenizer(data_alphabet(config), config.chat_template)
     assert config.policy.model is not None
     if config.policy.model.startswith(("/", "./", "../", "~")) and not Path(config.policy.model).expanduser().exists():
         raise ValueError(f"policy.model {config.policy.model}: no such directory")
     try:
-        return load_tokenizer(resolve_model_path(config.policy.model))
+        return load_tokenizer(resolve_model_path(config.policy.model), config.chat_template)
     except OSError as error:
         raise ValueError(f"policy.model {config.policy.model!r}: no tokenizer can be loaded from it ({error})") from None
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right
 from relay.config import RelayConfig
-from relay.data import load_sft_examples, tokenize_prompt
+from relay.data import load_sft_examples, tokenize_example
 from relay.prompts import Prompt
 from relay.tasks import Example, task_of
 
@@ -175,11 +175,11 @@ class Evaluation:
 def text_batch(config: RelayConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt]) -> RolloutBatch | None:
     """The perplexity's text set as a batch (each response's tokens and EOS are scored, given its prompt):
     eval.text_data, else warm_start.data, else the task's demonstrations of the held-out prompts; None when there
-    is none. Rows longer than rollout.max_model_len keep their first tokens."""
+    is none. Rows longer than rollout.max_model_len are cut as relay.data.tokenize_example cuts them."""
     section, rows = config.eval, config.eval.text_rows
     source = section.text_data or (config.warm_start.data if config.warm_start is not None else None)
     if source is not None:
-        chat_template = config.warm_start.chat_template if config.warm_start is not None else None
+        chat_template = config.chat_template
         setting = "eval.text_data" if section.text_data else "warm_start.data"
         try:
             pairs = load_sft_examples(source, tokenizer, chat_template, limit=rows)
@@ -191,15 +191,9 @@ def text_batch(config: RelayConfig, tokenizer: PreTrainedTokenizerBase, prompts:
             return None
         rng = random.Random(config.data.seed)
         pairs = [(prompt.text, task.demonstrate(Example(prompt.text, prompt.metadata), rng)) for prompt in prompts[:rows]]
-    limit = config.rollout.max_model_len
-    queries, responses = [], []
-    for prompt, response in pairs:
-        query = tokenize_prompt(tokenizer, prompt)[: limit - 1]
-        queries.append(query)
-        responses.append((tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
-                         [: limit - len(query)])
-    query_ids, query_mask = pad_left(queries, tokenizer.pad_token_id)
-    response_ids, response_mask = pad_right(responses, tokenizer.pad_token_id, torch.long)
+    examples = [tokenize_example(tokenizer, prompt, response, config.rollout.max_model_len) for prompt, response in pairs]
+    query_ids, query_mask = pad_left([ids for ids, _ in examples], tokenizer.pad_token_id)
+    response_ids, response_mask = pad_right([ids for _, ids in examples], tokenizer.pad_token_id, torch.long)
     return RolloutBatch(
         query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
         sampler_logprobs=torch.zeros(response_ids.shape), prompts=[prompt for prompt, _ in pairs],

@@ -132,7 +132,7 @@ def test_an_evaluation_reports_every_metric_its_scorers_and_data_allow(tmp_path)
         "eval/score", "eval/bleu", "eval/chrf"}
 
 
-def test_relay_eval_command_line_and_its_errors_before_ray(tmp_path, monkeypatch, capsys):
+def test_relay_eval_command_line_and_its_errors_before_ray(tmp_path, monkeypatch, capsys, tiny_model, bpe_model):
     import jobs.evaluate
     from relay.cli import main as relay_main
     from tests.conftest import DEMO_CONFIG
@@ -165,6 +165,9 @@ def test_relay_eval_command_line_and_its_errors_before_ray(tmp_path, monkeypatch
     (model / "config.json").write_text("{}")
     # A model outside any run, and the config's run directory holds no checkpoint: the reference must be named.
     assert "name it with --against" in error_of(str(model), f"run.output_dir={tmp_path / 'no-run'}")
+    # A policy whose tokenizer is not the reference's: its samples could not be scored in the reference's ids.
+    assert error_of(str(bpe_model), "--against", str(tiny_model)).startswith(
+        f"error: {bpe_model} does not read the token ids of the reference {tiny_model}: ")
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -243,3 +246,17 @@ def test_an_evaluation_scores_the_reward_once(tmp_path):
     task_run = PPOTrainer(tiny_run_config(tmp_path / "task-run"))
     task_run.reward = object()
     assert task_run.eval_scorers().scores is not None
+
+
+def test_relay_eval_measures_perplexity_on_the_text_set_training_did(tmp_path, tiny_model):
+    # Training's text set is the warm start's data; relay eval drops the warm start, and used to fall back to the
+    # task's demonstrations (in the BPE pipeline test: perplexity 233 in relay eval against 105 in training).
+    from jobs.evaluate import eval_config
+    from tests.conftest import DEMO_CONFIG
+
+    demonstrations = tmp_path / "sft.jsonl"
+    demonstrations.write_text('{"prompt": "12=", "response": "21"}\n')
+    config = eval_config(DEMO_CONFIG, [f"warm_start.data={demonstrations}"], str(tiny_model), tmp_path,
+                         tmp_path / "eval" / "eval.json")
+    assert config.warm_start is None and config.eval.text_data == str(demonstrations)
+    assert eval_config(DEMO_CONFIG, [], str(tiny_model), tmp_path, tmp_path / "e.json").eval.text_data is None

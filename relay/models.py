@@ -198,7 +198,12 @@ def build_tokenizer(alphabet: str, chat_template: str | None = None) -> PreTrain
 def build_tiny_model(section: TinyModelSection, alphabet: str, path: Path, seed: int) -> Path:
     """Save a random-init Llama and its character tokenizer to `path` (written whole, then renamed)."""
     tokenizer = build_tokenizer(alphabet)
-    config = LlamaConfig(
+    return save_random_model(tiny_model_config(section, tokenizer), tokenizer, path, seed)
+
+
+def tiny_model_config(section: TinyModelSection, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The Llama that `section` describes, over `tokenizer`'s vocabulary and special tokens."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=section.hidden_size,
         intermediate_size=section.intermediate_size,
@@ -211,6 +216,10 @@ def build_tiny_model(section: TinyModelSection, alphabet: str, path: Path, seed:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+
+
+def save_random_model(config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, path: Path, seed: int) -> Path:
+    """A random-init Llama of `config` (seeded) and `tokenizer`, saved to `path` whole (then renamed)."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     partial = path.with_name(path.name + ".partial")

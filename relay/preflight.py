@@ -28,7 +28,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
-    LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
@@ -36,7 +35,7 @@ from transformers import (
 from relay.config import RelayConfig
 from relay.data import load_sft_examples, open_dataset, read_rows
 from relay.labels import is_label_store
-from relay.models import apply_run_policy, build_tokenizer, check_same_tokenizer
+from relay.models import apply_run_policy, build_tokenizer, check_same_tokenizer, tiny_model_config
 from relay.placement import placed_roles, resource_shortfall, role_placement
 from relay.preferences import load_preferences
 from relay.prompts import PromptData, data_alphabet, load_prompt_data, max_prompt_tokens
@@ -228,12 +227,7 @@ def tiny_model_detail(config: RelayConfig) -> tuple[str, PreTrainedTokenizerBase
         # One token per character, known or not: a tokenizer of no characters parses and counts the data the same.
         alphabet, note = "", "; its characters come from the data, which cannot be read here (see below)"
     tokenizer = build_tokenizer(alphabet, config.chat_template)
-    llama = LlamaConfig(  # as relay.models.build_tiny_model makes it
-        vocab_size=len(tokenizer), hidden_size=section.hidden_size, intermediate_size=section.intermediate_size,
-        num_hidden_layers=section.num_layers, num_attention_heads=section.num_heads,
-        num_key_value_heads=section.num_heads, max_position_embeddings=section.max_position_embeddings,
-        tie_word_embeddings=False,
-    )
+    llama = tiny_model_config(section, tokenizer)
     return (f"a tiny Llama built by the run (no download), {parameters(llama, 'causal_lm')} parameters; "
             f"{tokenizer_summary(tokenizer)}{note}"), tokenizer, not note
 

@@ -88,10 +88,11 @@ def build_bpe_model(path: Path, seed: int = 0) -> Path:
     """A byte-level BPE tokenizer trained offline on a few hundred lines of `reverse` chats and words (320 tokens;
     BOS <|begin_of_text|> prepended, EOS <|im_end|>, no pad token, BPE_CHAT_TEMPLATE) and a random-init Llama of
     its vocabulary (hidden 128 over 2 heads of 64, vLLM's CPU attention needs that; 2 layers), saved at `path`."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils import logging as hf_logging
+    from transformers import PreTrainedTokenizerFast
+
+    from relay.config import TinyModelSection
+    from relay.models import save_random_model, tiny_model_config
 
     rng = random.Random(seed)
     words = ["reverse", "the", "digits", "answer", "is", "please", "number", "thanks"]
@@ -113,19 +114,8 @@ def build_bpe_model(path: Path, seed: int = 0) -> Path:
                                         eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
     tokenizer.chat_template = BPE_CHAT_TEMPLATE
     assert tokenizer.pad_token is None
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    hf_logging.disable_progress_bar()  # a bar for a one-shard save
-    try:
-        model.save_pretrained(path)
-    finally:
-        hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_model(tiny_model_config(TinyModelSection(max_position_embeddings=256), tokenizer), tokenizer,
+                             path, seed)
 
 
 @pytest.fixture(scope="session")

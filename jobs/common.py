@@ -92,9 +92,14 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's complete checkpoints, oldest first (a `.partial` directory is one that was cut off while writing)."""
+    return sorted(path for path in (run_dir / "checkpoints").glob("iter_*") if not path.name.endswith(".partial"))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint (a `.partial` directory is one that was cut off while writing)."""
-    complete = sorted(path for path in (run_dir / "checkpoints").glob("iter_*") if not path.name.endswith(".partial"))
+    """The newest complete checkpoint, if any."""
+    complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
 
 

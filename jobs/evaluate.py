@@ -25,8 +25,9 @@ from actors.group import ActorGroup
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet
-from jobs.common import connect_ray, policy_path, resolve_model_path, run_directory
-from jobs.ppo import DriverState, PPOTrainer, latest_checkpoint
+from jobs.common import connect_ray, latest_checkpoint, policy_path, resolve_model_path, run_directory
+from jobs.ppo import PPOTrainer
+from jobs.record import DriverState
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig, load_config
 from relay.evaluation import EvalScorers

@@ -21,9 +21,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ray
 import torch
@@ -46,12 +46,13 @@ from jobs.common import (
     prepare_base_model,
     resolve_model_path,
 )
+from jobs.record import DriverState, check_resumable, checkpoint_path, link_policy, prune_checkpoints
 from jobs.reward_model import run_reward_model_training
 from jobs.sft import run_warm_start
 from relay import ppo
 from relay import preflight
 from relay.batch import RolloutBatch, concat_batches, pad_left, pad_right, request_seeds
-from relay.config import RelayConfig, config_from_command_line, dump_config, load_config
+from relay.config import RelayConfig, config_from_command_line, dump_config
 from relay.metrics import MetricsLogger, plot_reward_curve
 from relay.models import build_tokenizer, check_scoring_tokenizers, load_tokenizer
 from relay.naming import CONTROL_NAMESPACE, control_actor_name, current_run_id
@@ -61,38 +62,6 @@ from relay.rewards import FunctionReward, RewardNormalizer, RewardSource, build_
 from relay.evaluation import EarlyStopping, EvalScorers, Evaluation, over_kl_budget
 from relay.storage import publish_directory, write_atomic
 from relay.tasks import task_of
-
-@dataclass
-class DriverState:
-    """What the driver needs, beside the learners' DeepSpeed states, to continue a run from a checkpoint."""
-
-    iteration: int = 0
-    data_epoch: int = 0
-    data_cursor: int = 0
-    policy_version: int = 0
-    samples: int = 0
-    kl_coef: float = 0.0
-    reference_model: str = ""
-    eval_score_base: float | None = None
-    eval_score_before: float | None = None
-    eval_points: list[tuple[int, float]] | None = None  # (iteration, eval/score), for the reward curve
-    eval_before: dict[str, float] | None = None  # the evaluation PPO started from
-    eval_baseline_rewards: list[float] | None = None  # its samples' rewards: eval/win_rate compares against them
-    early_stop: dict | None = None  # relay.evaluation.EarlyStopping's state
-    eval_last: dict[str, float] | None = None  # the newest evaluation
-    stop_reason: str | None = None  # why the run ended before run.iterations (early stopping, the KL budget)
-    reward_stats: dict | None = None  # the reward normalizer's running mean/std
-    reward_model: str | None = None  # reward.model, or the one trained at the start of the run
-    reward_model_accuracy: float | None = None  # its held-out pair accuracy, when trained here
-
-    @classmethod
-    def read(cls, checkpoint: Path) -> DriverState:
-        return cls(**json.loads((checkpoint / "driver_state.json").read_text()))
-
-    def done(self, iterations: int) -> bool:
-        """Trained to `iterations`, or stopped early (early stopping, the KL budget)."""
-        return self.iteration >= iterations or self.stop_reason is not None
-
 
 @dataclass
 class GeneratedAhead:
@@ -749,14 +718,10 @@ class PPOTrainer:
         return None
 
     def link_policy(self, name: str, iteration: int) -> None:
-        """Point `<run_dir>/<name>` at a checkpoint's policy, replacing the link in one rename."""
-        temporary = self.run_dir / f"{name}.link"
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(self.checkpoint_path(iteration).relative_to(self.run_dir) / "policy")
-        os.replace(temporary, self.run_dir / name)
+        link_policy(self.run_dir, name, iteration)
 
     def checkpoint_path(self, iteration: int) -> Path:
-        return self.run_dir / "checkpoints" / f"iter_{iteration:06d}"
+        return checkpoint_path(self.run_dir, iteration)
 
     def save_checkpoint(self, iteration: int) -> Path:
         """The learners (Hugging Face + DeepSpeed states) and the driver's state, written whole or not at all."""
@@ -772,23 +737,10 @@ class PPOTrainer:
         state = self.state
         if self.ahead is not None:  # its prompts are drawn again on resume (same seeds, from the saved weights)
             state = replace(state, data_epoch=self.ahead.data_position[0], data_cursor=self.ahead.data_position[1])
-        (partial / "driver_state.json").write_text(json.dumps(asdict(state), indent=1))
+        state.write(partial)
         publish_directory(partial, final)
-        self.prune_checkpoints()
+        prune_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
         return final
-
-    def prune_checkpoints(self) -> None:
-        """Keep the newest `run.keep_checkpoints` complete checkpoints (all when 0), and every older one that is still
-        named: by a link in the run directory (`policy`, `policy_best`) or by a pin, a file under `<run_dir>/pins/`
-        that holds a checkpoint's name (whoever serves a checkpoint pins it while it does)."""
-        keep = self.config.run.keep_checkpoints
-        checkpoints = self.run_dir / "checkpoints"
-        complete = sorted(path for path in checkpoints.glob("iter_*") if not path.name.endswith(".partial"))
-        named = {link.resolve().parent.name for link in self.run_dir.glob("policy*") if link.is_symlink()}
-        named |= {pin.read_text().strip() for pin in (self.run_dir / "pins").glob("*") if pin.is_file()}
-        for old in complete[:-keep] if keep else []:
-            if old.name not in named:
-                shutil.rmtree(old)
 
     def finish(self, summary: dict) -> None:
         self.link_policy("policy", self.state.iteration)
@@ -820,46 +772,6 @@ class PPOTrainer:
         if hasattr(self, "metrics"):
             self.metrics.close()
             del self.metrics
-
-
-# What a checkpoint's learner states are tied to: resuming with other values cannot load them.
-RESUME_FIXED: dict[str, Callable[[RelayConfig], object]] = {
-    "tiny_model": lambda config: config.tiny_model and config.tiny_model.model_dump(),
-    "policy.model": lambda config: config.policy.model,
-    "critic.model": lambda config: config.critic.model,
-    "policy.zero_stage": lambda config: config.policy.zero_stage,
-    "critic.zero_stage": lambda config: config.critic.zero_stage,
-    "the policy's world size (policy.resources)": lambda config: config.policy.resources.world_size,
-    "the critic's world size (critic.resources)": lambda config: config.critic.resources.world_size,
-    "a critic (algorithm.advantage)": lambda config: config.algorithm.uses_critic,
-    # The adapters' shapes and scale (not their dropout): DeepSpeed's states hold the adapters' weights alone.
-    "policy.lora": lambda config: config.policy.lora and config.policy.lora.model_dump(exclude={"dropout"}),
-    "critic.lora": lambda config: config.critic.lora and config.critic.lora.model_dump(exclude={"dropout"}),
-}
-
-
-def check_resumable(config: RelayConfig, run_dir: Path) -> None:
-    """A run directory with checkpoints is resumed (run.resume: auto) only by a config its checkpoints fit."""
-    saved_path = run_dir / "config.yaml"
-    if config.run.resume != "auto" or latest_checkpoint(run_dir) is None or not saved_path.exists():
-        return
-    saved = load_config(saved_path)
-    for name, value_of in RESUME_FIXED.items():
-        for path, old, new in differences(name, value_of(saved), value_of(config)):
-            raise ValueError(
-                f"run.output_dir {run_dir} holds checkpoints of a run with {path} = {old!r}, and this config has "
-                f"{new!r}; they cannot resume it: put the old value back, or use a new run.output_dir (to start "
-                f"from its weights: policy.model={latest_checkpoint(run_dir) / 'policy'})"
-            )
-
-
-def differences(path: str, old: object, new: object) -> Iterator[tuple[str, object, object]]:
-    """(dotted path, old, new) of each leaf where two config values differ."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(old.keys() | new.keys()):
-            yield from differences(f"{path}.{key}", old.get(key), new.get(key))
-    elif old != new:
-        yield path, old, new
 
 
 def initial_tokenizer(config: RelayConfig) -> PreTrainedTokenizerBase:

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
 def check(config_path: str, overrides: list[str]) -> None:
     """`relay check`: the table on stdout; exits non-zero with one `error:` line per problem."""
     from jobs.common import check_output_dir
-    from jobs.ppo import check_resumable
+    from jobs.record import check_resumable
     from relay import preflight
     from relay.config import ConfigError, load_config
 

@@ -7,7 +7,7 @@ offline, a cluster's resources): the algorithm and roles; each model's config an
 parameter count is of a model built on the meta device); each data source, parsed whole by training's own loaders,
 so a bad row is named by file:line; the reward; the resources a local Ray would have; the run directory and its
 checkpoints. Nothing is written and no Ray starts. The run directory's checks live with the jobs that write it
-(jobs/common.py check_output_dir, jobs/ppo.py check_resumable): callers pass them in, as this module imports no job.
+(jobs/common.py check_output_dir, jobs/record.py check_resumable): callers pass them in, as this module imports no job.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from relay.tasks import task_of
 
 Status = Literal["ok", "error", "skipped"]
 OutputDirCheck = Callable[[Path], None]  # jobs/common.py check_output_dir: raises ValueError
-ResumeCheck = Callable[[RelayConfig, Path], None]  # jobs/ppo.py check_resumable: raises ValueError
+ResumeCheck = Callable[[RelayConfig, Path], None]  # jobs/record.py check_resumable: raises ValueError
 HUB_PROBE_TIMEOUT_S = 3.0  # one request to the Hub decides whether Hub names are checked (its own retries take ~30 s)
 URL_PROBE_TIMEOUT_S = 5.0
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "critic": AutoModelForTokenClassification,

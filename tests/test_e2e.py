@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from jobs.evaluate import main as evaluate_main
-from jobs.ppo import PPOTrainer, latest_checkpoint
+from jobs.common import latest_checkpoint
+from jobs.ppo import PPOTrainer
 from relay.metrics import read_metrics
 from tests.conftest import tiny_run_config
 

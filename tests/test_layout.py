@@ -1,5 +1,6 @@
 """The import layering the code relies on: the core library `relay/` knows no Ray role or job (only the CLI
-dispatches to them), and the three jobs import shared code from jobs/common.py, never from each other."""
+dispatches to them), the roles (`actors/`) know no job, and the jobs import shared code from jobs/common.py and the
+run directory's record from jobs/record.py; only the driver and the commands built on it import another job."""
 
 from __future__ import annotations
 
@@ -15,9 +16,22 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             modules |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
             modules.add(node.module)
+        elif isinstance(node, ast.ImportFrom):  # `from .x import y`, `from . import x`: named from the file's package
+            prefix = [*path.relative_to(ROOT).with_suffix("").parts[:-node.level], *filter(None, [node.module])]
+            modules |= ({".".join(prefix)} if node.module
+                        else {".".join([*prefix, alias.name]) for alias in node.names})
     return modules
+
+
+def test_relative_imports_are_followed():
+    module = ROOT / "actors" / "a_module_for_this_test.py"
+    try:
+        module.write_text("from ..jobs import common\nfrom .group import ActorGroup\nfrom . import learner\n")
+        assert imported_modules(module) == {"jobs", "actors.group", "actors.learner"}
+    finally:
+        module.unlink()
 
 
 def test_core_imports_no_actor_and_no_job():
@@ -30,13 +44,19 @@ def test_core_imports_no_actor_and_no_job():
 
 
 def test_jobs_share_code_through_common_only():
-    allowed = {"jobs.ppo": {"jobs.common", "jobs.sft", "jobs.reward_model"}, "jobs.bench": {"jobs.common", "jobs.ppo"},
-               "jobs.evaluate": {"jobs.common", "jobs.ppo"}}
+    allowed = {"jobs.ppo": {"jobs.common", "jobs.record", "jobs.sft", "jobs.reward_model"},
+               "jobs.bench": {"jobs.common", "jobs.ppo"}, "jobs.evaluate": {"jobs.common", "jobs.ppo", "jobs.record"}}
     for path in (ROOT / "jobs").glob("*.py"):
         name = f"jobs.{path.stem}"
         uses = {m for m in imported_modules(path) if m.startswith("jobs.")}
         assert uses <= allowed.get(name, {"jobs.common"}), f"{name} imports {sorted(uses)}"
     assert not {m for m in imported_modules(ROOT / "jobs" / "common.py") if m.startswith("jobs")}
+
+
+def test_the_roles_import_no_job():
+    offenders = {str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if m.split(".")[0] == "jobs")
+                 for path in (ROOT / "actors").glob("*.py")}
+    assert {path: modules for path, modules in offenders.items() if modules} == {}
 
 
 def test_every_import_of_the_jobs_is_at_the_top_of_the_file():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from jobs.common import check_output_dir
-from jobs.ppo import check_resumable
+from jobs.record import check_resumable
 from relay import preflight
 from relay.cli import main as relay_main
 from relay.config import RelayConfig, dump_config, load_config

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from jobs.ppo import check_resumable
+from jobs.record import check_resumable
 from relay.config import dump_config, load_config
 from tests.conftest import DEMO_CONFIG
 
@@ -43,16 +45,32 @@ def test_a_lora_run_resumes_only_with_the_same_adapters(tmp_path):
 
 
 def test_keep_checkpoints_prunes_the_oldest_complete_ones_that_nothing_names(tmp_path):
-    from jobs.ppo import PPOTrainer
+    from jobs.record import prune_checkpoints
 
-    trainer = PPOTrainer(load_config(DEMO_CONFIG, [f"run.output_dir={tmp_path}", "run.keep_checkpoints=2",
-                                                   "data.train_prompts=64", "data.eval_prompts=8"]))
     for iteration in (2, 4, 6, 8, 10, 12):
         (tmp_path / "checkpoints" / f"iter_{iteration:06d}" / "policy").mkdir(parents=True)
     (tmp_path / "checkpoints" / "iter_000014.partial").mkdir()  # being written: not a checkpoint yet
     (tmp_path / "policy_best").symlink_to("checkpoints/iter_000004/policy")  # the best so far
     (tmp_path / "pins").mkdir()
     (tmp_path / "pins" / "serve-1234").write_text("iter_000006\n")  # being served
-    trainer.prune_checkpoints()
+    prune_checkpoints(tmp_path, keep=2)
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == [
         "iter_000004", "iter_000006", "iter_000010", "iter_000012", "iter_000014.partial"]
+
+
+def test_driver_state_reads_older_files_and_refuses_newer_ones(tmp_path):
+    from jobs.record import DRIVER_STATE_FORMAT, DriverState
+
+    state = DriverState(iteration=3, data_cursor=24, reward_model="rm")
+    state.write(tmp_path)
+    assert DriverState.read(tmp_path) == state and state.format == DRIVER_STATE_FORMAT
+    # A file of a relay before the format was written: no `format` key, read as format 1.
+    saved = json.loads((tmp_path / "driver_state.json").read_text())
+    del saved["format"]
+    (tmp_path / "driver_state.json").write_text(json.dumps(saved))
+    assert DriverState.read(tmp_path).iteration == 3
+    saved["format"] = DRIVER_STATE_FORMAT + 1
+    (tmp_path / "driver_state.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=rf"driver_state\.json is of format {DRIVER_STATE_FORMAT + 1}, written by a "
+                                         r"newer relay .* upgrade relay"):
+        DriverState.read(tmp_path)

@@ -12,7 +12,7 @@ with `--vs trl`, TRL's PPO trainer on the same work.
    (vLLM generation, the policy's, reference's, critic's and reward model's forwards, the policy's and critic's
    forward/backward/step). `overhead_ratio` = relay's iteration seconds / the sum of those passes: what Ray, the
    object store, the scoring layout and the sync cost over the raw parts.
-3. With `--vs trl`: TRL's PPO trainer (relay/trl_baseline.py) on the same model, prompts, samples, response length,
+3. With `--vs trl`: TRL's PPO trainer (jobs/trl_baseline.py) on the same model, prompts, samples, response length,
    epochs and reward model, in the policy's dtype; `ratio_vs_baseline` = relay's seconds per iteration / TRL's.
 
 Writes `<output>/bench.json` and `<output>/bench.png` (the phase breakdown), and prints a table.
@@ -46,7 +46,7 @@ from jobs.ppo import PPOTrainer
 from relay.config import RelayConfig, load_config
 from relay.metrics import read_metrics
 from relay.models import load_tokenizer
-from relay.trl_baseline import check_same_work, trl_seconds_per_iteration, trl_version
+from jobs.trl_baseline import check_same_work, trl_seconds_per_iteration, trl_version
 
 # The driver's phases of an iteration, in order (control: requests and scaling; accounting: the roles' usage);
 # what is left of the iteration, unmeasured, is "other" (the statistics, mostly).

@@ -6,7 +6,6 @@ the weights or the optimizer state, and each is counted against run.max_nonfinit
 from __future__ import annotations
 
 import importlib
-import socket
 from dataclasses import replace
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
+from actors.group import free_port
 from tests.conftest import tiny_run_config
 
 pytestmark = pytest.mark.slow  # DeepSpeed engines, ZeRO-2 and ZeRO-3
@@ -28,9 +28,7 @@ def one_rank_group():
     import deepspeed.comm.comm
     import deepspeed.utils.groups
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                    "LOCAL_RANK": "0"}
     if torch.distributed.is_initialized():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
+from actors.group import free_port
 from tests.conftest import tiny_run_config
 
 pytestmark = pytest.mark.slow  # DeepSpeed engines in processes of their own
@@ -99,9 +99,7 @@ def world(rank: int, world_size: int, port: int, model_path: str, tmp_path: Path
 
 
 def run_world(world_size: int, model_path: Path, tmp_path: Path, cases: list[tuple[str, int, str, int, int]]) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(world, args=(world_size, port, str(model_path), tmp_path, cases), nprocs=world_size)
 
 

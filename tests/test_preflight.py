@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from jobs.record import check_resumable
 from relay import preflight
 from relay.cli import main as relay_main
 from relay.config import RelayConfig, dump_config, load_config
+from actors.group import free_port
 from tests.conftest import DEMO_CONFIG, tiny_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
@@ -180,9 +180,7 @@ def test_device_cuda_without_a_gpu_is_skipped_not_failed(tmp_path):
 
 
 def test_a_remote_reward_is_probed(tmp_path):
-    with socket.socket() as sock:  # a port that nothing listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens on it
     [line] = problems(tiny_run_config(tmp_path / "run", "reward.type=remote",
                                       f"reward.url=http://127.0.0.1:{closed}"))
     assert line.startswith(f"error: reward.url http://127.0.0.1:{closed} cannot be reached (")

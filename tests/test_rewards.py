@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from actors.group import free_port
 from relay.rewards import FunctionReward, RemoteReward, RemoteRewardError, RewardNormalizer, RunningMeanStd
 
 PROMPTS = ["a", "bb", "ccc"]
@@ -235,9 +235,7 @@ def test_remote_reward_rejects_malformed_answers_without_retry(server, payload, 
 
 
 def test_remote_reward_on_a_closed_port_names_the_url():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens on it
     url = f"http://127.0.0.1:{port}/score"
     with pytest.raises(RemoteRewardError) as raised:
         RemoteReward(url, timeout_s=1.0, outage_budget_s=0.015, backoff_s=0.01).score(PROMPTS, RESPONSES, METADATA)

@@ -26,7 +26,6 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field

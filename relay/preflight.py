@@ -371,11 +371,7 @@ def reward_detail(config: RelayConfig, prompts: PromptData | None) -> str:
         described = ", ".join(f"{rule.check}({rule.column or rule.pattern})" for rule in reward.rules)
         if prompts is None:
             raise Skipped(f"{described}: their columns are not checked, the prompts cannot be read here")
-        columns = prompts.eval[0].metadata
-        for rule in reward.rules:
-            if rule.column is not None and rule.column not in columns:
-                raise ValueError(f"reward.rules: no column {rule.column!r} in {prompts.source} (its columns besides "
-                                 f"the prompt: {', '.join(sorted(columns)) or 'none'})")
+        config.check_rule_columns(prompts.eval[0].metadata, prompts.source)
         return f"{described}: their columns are in the prompts"
     assert reward.url is not None
     try:

@@ -110,3 +110,43 @@ def test_a_truncated_sampler_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"rollout\.top_k: unknown key"):
         load_config(CONFIGS / "demo.yaml", ["rollout.top_k=50"])
     assert load_config(CONFIGS / "demo.yaml", ["rollout.top_p=1.0"]).rollout.top_p == 1.0
+
+
+RULES = ["reward.type=rules", "reward.rules=[{check: exact_match, column: answer}, {check: regex, pattern: '\\d+'}]"]
+
+
+def test_prompt_columns_must_hold_the_rules_columns():
+    config = load_config(CONFIGS / "demo.yaml", RULES)
+    with pytest.raises(ValueError) as error:
+        config.check_prompt_columns({"solution": "4", "level": 1}, "data/math.jsonl")
+    assert str(error.value) == ("reward.rules: no column 'answer' in data/math.jsonl (its columns besides the prompt: "
+                                "level, solution)")
+    with pytest.raises(ValueError, match=r"in data/math\.jsonl \(its columns besides the prompt: none\)$"):
+        config.check_prompt_columns([], "data/math.jsonl")
+    load_config(CONFIGS / "demo.yaml").check_prompt_columns([], "data/math.jsonl")  # no rules, no column needed
+
+
+def test_a_reference_answer_metric_needs_the_answer_column():
+    config = load_config(CONFIGS / "demo.yaml", ["run.early_stop.metric=eval/chrf", "eval.answer_key=target"])
+    with pytest.raises(ValueError) as error:
+        config.check_prompt_columns(iter(["answer", "id"]), "held-out.jsonl")  # any iterable of names will do
+    assert str(error.value) == ("run.early_stop.metric eval/chrf needs reference answers, and the held-out prompts "
+                                "have no column 'target' (eval.answer_key); their columns besides the prompt: "
+                                "answer, id")
+    config.check_prompt_columns(["target"], "held-out.jsonl")
+    load_config(CONFIGS / "demo.yaml").check_prompt_columns([], "held-out.jsonl")  # eval/score needs no answers
+
+
+def test_prompt_columns_that_hold_everything_pass():
+    config = load_config(CONFIGS / "demo.yaml", [*RULES, "run.early_stop.metric=eval/bleu"])
+    assert config.check_prompt_columns({"answer": "12", "id": 3}, "data/math.jsonl") is None
+
+
+def test_the_checks_across_sections_run_in_order():
+    # Each is a validator of its own; the first written that fails is the error, as in the one validator they were.
+    with pytest.raises(ConfigError, match="exactly one of policy.model") as error:
+        load_config(CONFIGS / "demo.yaml", ["policy.model=gpt2", "device=cuda", "rollout.max_new_tokens=4096"])
+    assert "gpus_per_node" not in str(error.value)
+    with pytest.raises(ConfigError, match="policy.resources.gpus_per_node must be >= 1") as error:
+        load_config(CONFIGS / "demo.yaml", ["device=cuda", "rollout.max_new_tokens=4096"])
+    assert "max_new_tokens" not in str(error.value)

@@ -26,17 +26,34 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class Deadline:
+    """One deadline for a wait on several results (run.call_timeout_s): each `ray.wait` is bounded by what is left
+    of it, and passing it is a TimeoutError naming what did not answer."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.at = time.monotonic() + timeout_s
+
+    def left(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def first_ready(self, refs: list[ray.ObjectRef], what: str,
+                    hint: str = "stuck, or too slow for that deadline") -> ray.ObjectRef:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=self.left())
+        if not ready:
+            raise TimeoutError(f"{what} did not answer within run.call_timeout_s={self.timeout_s:.0f} s ({hint})")
+        return ready[0]
+
+
 def get_within(refs: list[ray.ObjectRef], timeout_s: float, what: str,
                hint: str = "stuck, or too slow for that deadline") -> list[Any]:
     """`ray.get` of `refs` with a deadline: a TimeoutError naming `what` after `timeout_s` (run.call_timeout_s),
     and the first error raised as soon as it is in, since other ranks may be left waiting on a dead one."""
-    deadline = time.monotonic() + timeout_s
-    pending = list(refs)
+    deadline, pending = Deadline(timeout_s), list(refs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise TimeoutError(f"{what} did not answer within run.call_timeout_s={timeout_s:.0f} s ({hint})")
-        ray.get(ready[0])
+        ready = deadline.first_ready(pending, what, hint)
+        pending.remove(ready)
+        ray.get(ready)
     return ray.get(refs)
 
 
@@ -137,9 +154,6 @@ class ActorGroup:
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Call `method` on every rank with the same arguments; one reference per rank, in rank order."""
         return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
-
-    def run(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return ray.get(self.call(method, *args, **kwargs))
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -196,7 +196,7 @@ class Learner(Usage):
     def _count(self, batch: RolloutBatch, mini_batches: list[list[torch.Tensor]]) -> list[ppo.LossCounts]:
         """Each mini-batch's real tokens and sequences over all ranks (one all-reduce for the epoch's mini-batches):
         what every loss of its micro-batches is divided by (relay.losses)."""
-        local = torch.tensor([[float(batch.response_mask[torch.cat(rows)].sum()), float(sum(map(len, rows)))]
+        local = torch.tensor([[float(batch.action_mask[torch.cat(rows)].sum()), float(sum(map(len, rows)))]
                               for rows in mini_batches], dtype=torch.float64, device=self.device)
         if self.world_size > 1:
             torch.distributed.all_reduce(local)
@@ -251,9 +251,10 @@ class Learner(Usage):
             return policy_objective(output, part, self.algorithm, counts), output
         return value_objective(output, part, self.algorithm, counts), output
 
-    def local_parameter_count(self) -> int:
-        """Parameter elements this rank holds (under ZeRO-3 its partition only)."""
-        return sum(getattr(p, "ds_tensor", p).numel() for p in self.engine.module.parameters())
+    def usage(self) -> dict[str, float]:
+        """Usage's figures, and the parameter elements this rank holds (under ZeRO-3 its partition only)."""
+        held = sum(getattr(p, "ds_tensor", p).numel() for p in self.engine.module.parameters())
+        return super().usage() | {"local_parameters": float(held)}
 
     def weight_buckets(self, bucket_mb: float) -> Iterator[dict[str, torch.Tensor] | GatherSummary]:
         """Called as a Ray streaming generator, on all ranks together: rank 0 yields the whole model in buckets

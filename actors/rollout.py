@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.engine import ENGINE_ENV, engine_options
+from actors.group import Deadline
 from actors.usage import Usage
 from relay.config import RelayConfig
 from relay.placement import engine_placement
@@ -290,11 +290,11 @@ class RolloutFleet:
                 refs[member] = call(member)
             except RayError as error:
                 failed[member] = _describe(error)
-        deadline = time.monotonic() + self.call_timeout_s
+        deadline = Deadline(self.call_timeout_s)
         results: dict[_Member, Any] = {}
         for member, ref in refs.items():
             try:
-                results[member] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                results[member] = ray.get(ref, timeout=deadline.left())
             except GetTimeoutError:
                 failed[member] = f"no answer within run.call_timeout_s={self.call_timeout_s:.0f} s"
             except RayError as error:

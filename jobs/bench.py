@@ -43,9 +43,11 @@ from actors.engine import ENGINE_ENV
 from actors.rollout import RolloutWorker
 from jobs.common import check_cluster_resources, connect_ray, prepare_base_model
 from jobs.ppo import PPOTrainer
+from jobs.rollout_source import RolloutSource
 from relay.config import RelayConfig, load_config
 from relay.metrics import read_metrics
 from relay.models import load_tokenizer
+from relay.prompts import load_prompt_data
 from jobs.trl_baseline import check_same_work, trl_seconds_per_iteration, trl_version
 
 # The driver's phases of an iteration, in order (control: requests and scaling; accounting: the roles' usage);
@@ -189,11 +191,11 @@ def raw_passes(config: RelayConfig, policy_path: str, reward_path: str | None, r
     os.environ.update(ENGINE_ENV)  # vLLM in this process, as in the actor
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1",
                    "LOCAL_RANK": "0"}
-    trainer = PPOTrainer(config)
-    trainer.tokenizer = load_tokenizer(policy_path)
+    tokenizer = load_tokenizer(policy_path)
+    source = RolloutSource(config, load_prompt_data(config, tokenizer), tokenizer)
     worker = RolloutWorker(config, policy_path, 0)
-    trainer.fleet = worker  # the driver's generate() through one engine, without Ray
-    prompts = trainer.next_prompts(config.data.prompts_per_iteration)
+    source.fleet = worker  # type: ignore[assignment]  # the driver's generate() through one engine, without Ray
+    prompts = source.next_prompts(config.data.prompts_per_iteration)
 
     def median_seconds(call: Callable[[], Any]) -> tuple[float, Any]:
         """The median of `repeats` calls after an untimed one (the first call of a model warms it up)."""
@@ -206,7 +208,8 @@ def raw_passes(config: RelayConfig, policy_path: str, reward_path: str | None, r
 
     raw: dict[str, float] = {}
     raw["generate"], batch = median_seconds(
-        lambda: trainer.generate(prompts, config.rollout.samples_per_prompt, config.run.seed, iteration=1))
+        lambda: source.generate(prompts, config.rollout.samples_per_prompt, config.run.seed, iteration=1,
+                                policy_version=0))
     policy = Learner("policy", config, policy_path, rank=0, world_size=1)
     raw["policy_score"], old_logprobs = median_seconds(lambda: policy.score(batch))
     reference = Reference(config, policy_path, rank=0, world_size=1)

@@ -21,13 +21,13 @@ from typing import Any, Callable
 import ray
 import torch
 
-from actors.group import ActorGroup
+from actors.group import ActorGroup, get_within
 from actors.reference import Reference
 from actors.reward import RewardScorer
-from actors.rollout import RolloutFleet
 from jobs.common import connect_ray, latest_checkpoint, policy_path, resolve_model_path, run_directory
-from jobs.ppo import PPOTrainer
+from jobs.ppo import PPOTrainer, driver_scores
 from jobs.record import DriverState
+from jobs.roles import score_rewards
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig, load_config
 from relay.evaluation import EvalScorers
@@ -74,28 +74,29 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
     connect_ray(config)
     scorers: dict[str, ActorGroup] = {}
     try:
-        trainer.fleet = RolloutFleet(config, reference)
-        scorers["reward"] = trainer.reward = ActorGroup(
+        trainer.source.start(reference)
+        scorers["reward"] = ActorGroup(
             RewardScorer, "eval-reward", role_placement(config, "reward"), namespace=config.actor_namespace,
             timeout_s=config.run.call_timeout_s,
             config=config, model_path=config.reward.model and resolve_model_path(config.reward.model))
         scorers["reference"] = logprob_group(config, "eval-reference", reference)
         results: dict[str, dict[str, float]] = {}
-        baseline = trainer.evaluation.run(eval_scorers(trainer, scorers["reference"], scorers["reference"]))
+        baseline = trainer.evaluation.run(eval_scorers(trainer, scorers["reward"], scorers["reference"],
+                                                       scorers["reference"]))
         results[f"reference: {against or reference}"] = baseline.metrics
         for version, (name, path) in enumerate(policies.items(), start=1):
-            trainer.fleet.load_weights_from(path, policy_version=version)
+            assert trainer.source.fleet is not None
+            trainer.source.fleet.load_weights_from(path, policy_version=version)
             policy = logprob_group(config, f"eval-policy-{version}", path)
             try:
-                results[name] = trainer.evaluation.run(eval_scorers(trainer, policy, scorers["reference"]),
-                                                       baseline.rewards).metrics
+                results[name] = trainer.evaluation.run(
+                    eval_scorers(trainer, scorers["reward"], policy, scorers["reference"]), baseline.rewards).metrics
             finally:
                 policy.shutdown()
     finally:
         for group in scorers.values():
             group.shutdown()
-        if hasattr(trainer, "fleet"):
-            trainer.fleet.shutdown()
+        trainer.source.shutdown()
     report = {"config": str(config_path), "reference": reference, "eval_metric": trainer.eval_metric,
               "prompts": len(trainer.data.eval), "samples_per_prompt": config.data.eval_samples_per_prompt,
               "models": {name: policies.get(name, reference) for name in results}, "results": results}
@@ -106,17 +107,19 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
     return report
 
 
-def eval_scorers(trainer: PPOTrainer, policy: ActorGroup, reference: ActorGroup) -> EvalScorers:
+def eval_scorers(trainer: PPOTrainer, reward: ActorGroup, policy: ActorGroup, reference: ActorGroup) -> EvalScorers:
     """The training evaluation's scorers, with frozen models in place of the learner and the run's reference."""
+    config, timeout_s = trainer.config, trainer.config.run.call_timeout_s
 
     def logprobs(group: ActorGroup) -> Callable[[RolloutBatch, float], torch.Tensor]:
         return lambda batch, temperature: torch.cat(
-            trainer.wait(group.call("score", ray.put(batch), temperature), f"{group.name} (score)"))
+            get_within(group.call("score", ray.put(batch), temperature), timeout_s, f"{group.name} (score)"))
 
-    scorers = trainer.eval_scorers()
-    scorers.rewards = trainer.eval_rewards
-    scorers.policy_logprobs, scorers.reference_logprobs = logprobs(policy), logprobs(reference)
-    return scorers
+    return EvalScorers(
+        generate=lambda prompts, samples, seed: trainer.source.generate(prompts, samples, seed, 0, 0),
+        scores=driver_scores(config, trainer.eval_scorer, rewards_placed=True),
+        rewards=lambda batch: score_rewards(reward, batch, 0, trainer.run_dir, timeout_s, evaluation=True),
+        policy_logprobs=logprobs(policy), reference_logprobs=logprobs(reference))
 
 
 def logprob_group(config: RelayConfig, name: str, model_path: str) -> ActorGroup:

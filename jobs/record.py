@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from jobs.common import complete_checkpoints, latest_checkpoint
-from relay.config import RelayConfig, load_config
+from relay.config import RelayConfig, dump_config, load_config
+from relay.metrics import plot_reward_curve
+from relay.storage import publish_directory, write_atomic
 
 # driver_state.json's format: a relay reads every format up to its own, and refuses a newer one in one line.
 DRIVER_STATE_FORMAT = 1
@@ -131,3 +133,61 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in complete_checkpoints(run_dir)[:-keep] if keep else []:
         if old.name not in named:
             shutil.rmtree(old)
+
+
+class RunRecord:
+    """The run directory of one run, as the driver writes it."""
+
+    def __init__(self, config: RelayConfig, run_dir: Path) -> None:
+        self.config, self.run_dir = config, run_dir
+
+    def completed_summary(self) -> dict | None:
+        """The summary of a run that is complete (trained to run.iterations, or stopped early), read before any role
+        is placed; None when there is training left, or a summary left to write."""
+        checkpoint = latest_checkpoint(self.run_dir) if self.config.run.resume == "auto" else None
+        summary_path = self.run_dir / "summary.json"
+        if checkpoint is None or not summary_path.exists():
+            return None
+        state = DriverState.read(checkpoint)
+        if not state.done(self.config.run.iterations):
+            return None
+        print(f"{self.run_dir} is complete at iteration {state.iteration}; use a new run.output_dir to rerun")
+        return json.loads(summary_path.read_text())
+
+    def prepare(self) -> Path | None:
+        """Create the run directory and record the config; the checkpoint to resume from, if any."""
+        resume = self.config.run.resume
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = latest_checkpoint(self.run_dir) if resume == "auto" else None
+        if resume == "never" and (self.run_dir / "checkpoints").exists():
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints; set run.resume=auto or a new output_dir")
+        (self.run_dir / "config.yaml").write_text(dump_config(self.config))
+        return checkpoint
+
+    def checkpoint_path(self, iteration: int) -> Path:
+        return checkpoint_path(self.run_dir, iteration)
+
+    def save_checkpoint(self, iteration: int, state: DriverState, save_learners: Callable[[Path], None]) -> Path:
+        """The learners' weights and states (`save_learners` writes them into a directory) and the driver's state,
+        written whole or not at all; then older checkpoints pruned (run.keep_checkpoints)."""
+        final = self.checkpoint_path(iteration)
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_learners(partial)
+        state.write(partial)
+        publish_directory(partial, final)
+        prune_checkpoints(self.run_dir, self.config.run.keep_checkpoints)
+        return final
+
+    def link_policy(self, name: str, iteration: int) -> None:
+        link_policy(self.run_dir, name, iteration)
+
+    def finish(self, summary: dict, state: DriverState, best_iteration: int | None, metrics_path: Path) -> None:
+        """The final and best policies linked, the reward curve drawn, summary.json written (the run is complete)."""
+        self.link_policy("policy", state.iteration)
+        if best_iteration is not None:  # again: a crash may have come between its checkpoint and link
+            self.link_policy("policy_best", best_iteration)
+        plot_reward_curve(metrics_path, self.run_dir / "reward_curve.png", state.eval_points or [])
+        write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))

@@ -3,7 +3,9 @@
 Padding, once for all: prompts are LEFT-padded and responses RIGHT-padded, so every prompt ends at column Lq - 1
 and every response starts at column Lq of `input_ids`. Masks are 1 on real tokens, 0 on padding. A response's
 last real token is its EOS when generation stopped there, or its last sampled token when it hit max_new_tokens.
-Position ids count real tokens only, which is what vLLM saw when it generated the sample.
+Position ids count real tokens only, which is what vLLM saw when it generated the sample. The response mask says
+which tokens are read; the action mask which of them the policy sampled, what every loss, KL and advantage covers
+(the two differ only where an environment's text sits between a multi-turn episode's actions).
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ class RolloutBatch:
     prompts: list[str]  # [B] prompt text
     responses: list[str]  # [B] response text, special tokens removed
     metadata: list[dict[str, Any]]  # [B] each example's ground truth, for reward functions
-    policy_version: int  # the policy weights that generated the batch (0: the initial policy)
+    policy_version: int  # the oldest policy weights that sampled a token of the batch (0: the initial policy)
+    # Per token, what a multi-turn episode needs (one answer's are derived from the fields above when not given):
+    action_mask: Tensor = None  # type: ignore[assignment]  # [B, Lr] float, 1 on tokens the policy sampled
+    token_versions: Tensor = None  # type: ignore[assignment]  # [B, Lr] long, the policy version that sampled each
     # Filled in by the scoring phase (step 3) and the advantage phase (step 4):
     old_logprobs: Tensor | None = None  # [B, Lr] policy learner's log-probs before this iteration's update
     ref_logprobs: Tensor | None = None  # [B, Lr] frozen reference policy's log-probs
@@ -35,6 +40,12 @@ class RolloutBatch:
     advantages: Tensor | None = None  # [B, Lr]
     returns: Tensor | None = None  # [B, Lr]
     behavior_weights: Tensor | None = None  # [B, Lr] decoupled PPO's weights, when an older policy generated the batch
+
+    def __post_init__(self) -> None:
+        if self.action_mask is None:  # one answer: every response token is the policy's
+            self.action_mask = self.response_mask.clone()
+        if self.token_versions is None:
+            self.token_versions = torch.full_like(self.response_ids, self.policy_version)
 
     def __len__(self) -> int:
         return self.query_ids.shape[0]
@@ -122,7 +133,9 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         prompts=[prompt for b in batches for prompt in b.prompts],
         responses=[response for b in batches for response in b.responses],
         metadata=[row for b in batches for row in b.metadata],
-        policy_version=batches[0].policy_version,
+        policy_version=min(b.policy_version for b in batches),
+        action_mask=torch.cat([widen(b.action_mask, response_width, 0.0, left=False) for b in batches]),
+        token_versions=torch.cat([widen(b.token_versions, response_width, 0, left=False) for b in batches]),
     )
 
 

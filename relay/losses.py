@@ -36,7 +36,7 @@ def policy_objective(logits: Tensor, batch: RolloutBatch, algorithm: AlgorithmSe
     logits [B, Lr, V] (with their graph); `batch` carries old_logprobs, advantages, and ref_logprobs when the KL
     is a loss term, behavior_weights when an older policy sampled it.
     """
-    mask = batch.response_mask
+    mask = batch.action_mask
     logprobs = ppo.token_logprobs(logits, batch.response_ids)
     surrogate, stats = ppo.policy_loss(logprobs, batch.old_logprobs, batch.advantages, mask, algorithm.clip_ratio,
                                        algorithm.loss_aggregation, batch.behavior_weights, counts)
@@ -63,7 +63,7 @@ def value_objective(values: Tensor, batch: RolloutBatch, algorithm: AlgorithmSec
                     counts: ppo.LossCounts) -> Objective:
     """The critic's loss on `batch`, a micro-batch of the mini-batch that `counts` counts: the token mean of the
     (clipped) squared error against `batch.returns`. values [B, Lr] (with their graph)."""
-    mask = batch.response_mask
+    mask = batch.action_mask
     loss, stats = ppo.value_loss(values, batch.values, batch.returns, mask, algorithm.value_clip, counts)
     error = ppo.aggregate((values.detach() - batch.returns) ** 2, mask, "token_mean", counts)
     return Objective(loss, {"losses/value": loss.detach(), "critic/value_clipfrac": stats.clipfrac,

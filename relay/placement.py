@@ -96,18 +96,6 @@ def engine_placement(config: RelayConfig) -> Placement:
     )
 
 
-def run_placement_groups(config: RelayConfig) -> list[tuple[Strategy, list[dict[str, float]]]]:
-    """Every placement group a run creates at start, as (strategy, bundles): one per engine, one per role that
-    does not share the policy's."""
-    engine = engine_placement(config)
-    groups = [(engine.strategy, engine.bundles)] * config.rollout.num_workers
-    for role in placed_roles(config):
-        placement = role_placement(config, role)
-        if not placement.colocated:
-            groups.append((placement.strategy, placement.bundles))
-    return groups
-
-
 def resource_shortfall(config: RelayConfig, available: dict[str, float]) -> str | None:
     """What the run's placement groups need to start beyond `available` (Ray's cluster resources), role by role,
     or None. A run starts with its learners and one rollout engine: further engines join when they place."""

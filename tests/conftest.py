@@ -16,6 +16,7 @@ import pytest
 
 import relay.cluster  # noqa: F401 - sets RAY_AUTH_MODE=token before Ray loads its configuration
 from relay.config import RelayConfig, load_config
+from relay.placement import engine_placement, placed_roles, role_placement
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 
@@ -121,3 +122,15 @@ def build_bpe_model(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def bpe_model(tmp_path_factory) -> Path:
     return build_bpe_model(tmp_path_factory.mktemp("models") / "bpe")
+
+
+def run_placement_groups(config: RelayConfig) -> list[tuple[str, list[dict[str, float]]]]:
+    """Every placement group a run creates at start, as (strategy, bundles): one per engine, one per role that
+    does not share the policy's."""
+    engine = engine_placement(config)
+    groups = [(engine.strategy, engine.bundles)] * config.rollout.num_workers
+    for role in placed_roles(config):
+        placement = role_placement(config, role)
+        if not placement.colocated:
+            groups.append((placement.strategy, placement.bundles))
+    return groups

@@ -15,17 +15,22 @@ from actors.learner import Learner
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import RolloutFleet
-from jobs.ppo import PPOTrainer
+from jobs.ppo import eval_scorer
+from jobs.roles import gather_policy_weights
+from jobs.rollout_source import RolloutSource
 from relay import ppo
 from relay.batch import request_seeds
 from relay.config import LoraSection
 from relay.data import tokenize_prompt
 from relay.models import load_tokenizer
+from relay.prompts import load_prompt_data
 from relay.placement import role_placement
 from tests.conftest import tiny_run_config
 from tests.live_ray import wait_for
 
 pytestmark = pytest.mark.slow
+
+BUCKET_MB = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def setup(ray_session, tiny_model, tmp_path_factory):
         "policy.zero_stage=3",
         "policy.zero3_persistence_threshold=0",
         "policy.learning_rate=0.01",
-        "rollout.sync_bucket_mb=0.25",  # less than a decoder block: the sync sends a bucket per block
+        f"rollout.sync_bucket_mb={BUCKET_MB}",  # less than a decoder block: the sync sends a bucket per block
     )
     fleet = RolloutFleet(config, str(tiny_model))
     policy = ActorGroup(Learner, "policy-learner", role_placement(config, "policy"), namespace=config.actor_namespace,
@@ -49,12 +54,12 @@ def setup(ray_session, tiny_model, tmp_path_factory):
 
 
 def make_batch(config, fleet, tiny_model):
-    """A real rollout batch, built the way the driver builds it."""
-    trainer = PPOTrainer(config)
-    trainer.tokenizer = load_tokenizer(str(tiny_model))
-    trainer.fleet = fleet
-    return trainer, trainer.generate([trainer.data.train.get(i) for i in range(8)], samples_per_prompt=2, seed=7,
-                                     iteration=1)
+    """A real rollout batch, built the way the driver's rollout source builds it."""
+    tokenizer = load_tokenizer(str(tiny_model))
+    source = RolloutSource(config, load_prompt_data(config, tokenizer), tokenizer)
+    source.fleet = fleet
+    return source, source.generate([source.data.train.get(i) for i in range(8)], samples_per_prompt=2, seed=7,
+                                   iteration=1, policy_version=0)
 
 
 def test_the_fleet_starts_with_the_engines_that_place_and_the_others_wait(setup, tiny_model, tmp_path):
@@ -100,11 +105,10 @@ def greedy_hf(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
     return outputs
 
 
-def sync(trainer, policy, fleet, policy_version: int) -> tuple[list, dict[str, torch.Tensor]]:
+def sync(policy, fleet, policy_version: int) -> tuple[list, dict[str, torch.Tensor]]:
     """The driver's weight sync: gather the policy's buckets, load them into the fleet. Returns the buckets' refs
     and the whole state they hold."""
-    trainer.policy = policy
-    buckets = trainer.gather_policy_weights()
+    buckets = gather_policy_weights(policy, BUCKET_MB, timeout_s=300)
     fleet.load_weights(buckets, policy_version)
     state: dict[str, torch.Tensor] = {}
     for bucket in ray.get(buckets):
@@ -120,12 +124,12 @@ def greedy_vllm(worker, prompts: list[list[int]]) -> list[list[int]]:
 def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model):
     config, fleet, policy = setup
     full_count = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_model)).parameters())
-    shard_counts = policy.run("local_parameter_count")
+    shard_counts = [rank["local_parameters"] for rank in ray.get(policy.call("usage"))]
     assert all(count < full_count for count in shard_counts)  # really partitioned
     assert sum(shard_counts) >= full_count
 
-    trainer, batch = make_batch(config, fleet, tiny_model)
-    tokenizer = trainer.tokenizer
+    source, batch = make_batch(config, fleet, tiny_model)
+    tokenizer = source.tokenizer
     prompts = [tokenize_prompt(tokenizer, text) for text in ("31415=", "2718=", "16180339=", "4669=", "112358=")]
     greedy_before = [greedy_vllm(worker, prompts) for worker in fleet.workers]
 
@@ -133,10 +137,10 @@ def test_zero3_partitions_and_weight_sync_matches_transformers(setup, tiny_model
     mask = batch.response_mask
     advantages = ppo.masked_whiten(torch.randn(mask.shape, generator=torch.Generator().manual_seed(0)), mask)
     train_ref = ray.put(replace(batch, old_logprobs=old, advantages=advantages))
-    stats = policy.run("train", train_ref, 1)
+    stats = ray.get(policy.call("train", train_ref, 1))
     assert all(torch.isfinite(torch.tensor(list(rank.values()))).all() for rank in stats)
 
-    buckets, state = sync(trainer, policy, fleet, policy_version=1)
+    buckets, state = sync(policy, fleet, policy_version=1)
     block_bytes = sum(tensor.numel() * tensor.element_size() for name, tensor in state.items()
                       if name.startswith("model.layers.0."))
     assert block_bytes > config.rollout.sync_bucket_mb * 2**20 and len(buckets) > config.tiny_model.num_layers
@@ -180,15 +184,15 @@ def test_an_engine_that_generated_nan_generates_right_with_the_next_weights(setu
 
 def test_a_non_finite_loss_trains_nothing_and_is_counted(setup, tiny_model):
     config, fleet, policy = setup
-    trainer, batch = make_batch(config, fleet, tiny_model)
+    source, batch = make_batch(config, fleet, tiny_model)
     mask = batch.response_mask
     # Old log-probs of -1e4 make every ratio overflow to inf; with negative advantages the loss is +inf.
     poisoned = replace(batch, old_logprobs=torch.full(mask.shape, -1e4), advantages=-torch.ones(mask.shape))
-    stats = policy.run("train", ray.put(poisoned), 2)
+    stats = ray.get(policy.call("train", ray.put(poisoned), 2))
     micro_batches_per_rank = config.algorithm.epochs * (len(batch) // 2 // config.policy.micro_batch_size)
     assert [rank["losses/policy_nonfinite"] for rank in stats] == [float(micro_batches_per_rank)] * 2
     assert all("losses/policy" not in rank for rank in stats)  # no statistic of a skipped micro-batch
-    _, state = sync(trainer, policy, fleet, policy_version=2)
+    _, state = sync(policy, fleet, policy_version=2)
     assert all(torch.isfinite(tensor).all() for tensor in state.values())
 
 
@@ -202,14 +206,14 @@ def test_reference_learner_and_sampler_agree_on_the_same_weights(ray_session, ti
                         role="critic", config=config, model_path=str(tiny_model))
     reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace, config=config)
     try:
-        trainer, batch = make_batch(config, fleet, tiny_model)
+        source, batch = make_batch(config, fleet, tiny_model)
         batch_ref = ray.put(batch)
         [ref_logprobs], [values], [rewards] = (ray.get(g.call("score", batch_ref)) for g in (reference, critic, reward))
         mask = batch.response_mask.bool()
         # vLLM's sampling log-probs and transformers' recomputation agree on the same weights (fp32).
         assert torch.allclose(ref_logprobs[mask], batch.sampler_logprobs[mask], atol=1e-4)
         assert values.shape == batch.response_ids.shape and torch.isfinite(values).all()
-        assert rewards.tolist() == trainer.eval_scorer.score(batch.prompts, batch.responses, batch.metadata)
+        assert rewards.tolist() == eval_scorer(config)[0].score(batch.prompts, batch.responses, batch.metadata)
     finally:
         for group in (fleet, reference, critic, reward):
             group.shutdown()
@@ -244,7 +248,7 @@ def test_lora_policy_trains_adapters_only_gives_the_reference_and_syncs_merged_w
                              model_path=str(tiny_model))
     try:
         fleet.load_weights_from(str(tiny_model), policy_version=0)  # earlier tests synced trained weights
-        trainer, batch = make_batch(config, fleet, tiny_model)
+        source, batch = make_batch(config, fleet, tiny_model)
         batch_ref = ray.put(batch)
         # The reference is the policy's own base model, adapters off: before training both are the base model.
         reference = torch.cat(ray.get(lora_policy.call("score_reference", batch_ref)))
@@ -254,22 +258,22 @@ def test_lora_policy_trains_adapters_only_gives_the_reference_and_syncs_merged_w
         assert torch.allclose(old[mask], reference[mask], atol=1e-5)  # LoRA's B starts at zero
 
         advantages = ppo.masked_whiten(torch.randn(mask.shape), batch.response_mask)
-        lora_policy.run("train", ray.put(replace(batch, old_logprobs=old, advantages=advantages)), 1)
+        ray.get(lora_policy.call("train", ray.put(replace(batch, old_logprobs=old, advantages=advantages)), 1))
         after = torch.cat(ray.get(lora_policy.call("score_reference", batch_ref)))
         assert torch.allclose(after[mask], reference[mask], atol=1e-5)  # the base model stayed frozen
         trained = torch.cat(ray.get(lora_policy.call("score", batch_ref)))
         assert not torch.allclose(trained[mask], reference[mask], atol=1e-4)  # the adapters learned
 
         # The sync carries merged weights under the plain model's names: only adapted matrices changed.
-        _, state = sync(trainer, lora_policy, fleet, policy_version=2)
+        _, state = sync(lora_policy, fleet, policy_version=2)
         base = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
         assert set(state) == set(base)
         changed = {name for name in state if not torch.equal(state[name], base[name])}
         assert changed and all(name.endswith(("q_proj.weight", "v_proj.weight")) for name in changed)
         merged = AutoModelForCausalLM.from_pretrained(str(tiny_model))
         merged.load_state_dict(state, strict=True)
-        prompts = [tokenize_prompt(trainer.tokenizer, text) for text in ("31415=", "2718=", "16180339=")]
-        expected = greedy_hf(merged, trainer.tokenizer, prompts)
+        prompts = [tokenize_prompt(source.tokenizer, text) for text in ("31415=", "2718=", "16180339=")]
+        expected = greedy_hf(merged, source.tokenizer, prompts)
         assert all(greedy_vllm(worker, prompts) == expected for worker in fleet.workers)
     finally:
         lora_policy.shutdown()

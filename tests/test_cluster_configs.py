@@ -21,7 +21,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from relay.config import RelayConfig, load_config
 from relay.metrics import ray_metric_name
-from relay.placement import run_placement_groups
+from tests.conftest import run_placement_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_CLUSTER = ROOT / "cluster" / "ray-cluster.yaml"

@@ -25,7 +25,8 @@ def test_gpu_configs_ask_for_gpus():
 
 
 def test_the_gpu_recipes_ask_for_the_gpus_their_headers_name():
-    from relay.placement import resource_shortfall, run_placement_groups
+    from relay.placement import resource_shortfall
+    from tests.conftest import run_placement_groups
 
     def gpus(config) -> float:
         return sum(bundle.get("GPU", 0.0) for _, bundles in run_placement_groups(config) for bundle in bundles)

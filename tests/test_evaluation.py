@@ -229,7 +229,7 @@ def test_serving_a_runs_checkpoint_resolves_it_and_pins_it_while_served(tmp_path
 def test_an_evaluation_scores_the_reward_once(tmp_path):
     # Without a task, the held-out score is the run's reward: with the reward actors placed, only they score it (a
     # remote endpoint used to be called twice per evaluation: by them, and by the driver for eval/score).
-    from jobs.ppo import PPOTrainer
+    from jobs.ppo import PPOTrainer, driver_scores
     from relay.prompts import export_task
     from relay.tasks import get_task
     from tests.conftest import tiny_run_config
@@ -238,14 +238,12 @@ def test_an_evaluation_scores_the_reward_once(tmp_path):
     dataset = tiny_run_config(tmp_path / "run", f"data.prompts={paths['train.parquet']}",
                               "reward.function=relay.tasks.reverse:reward")
     trainer = PPOTrainer(dataset)
-    assert trainer.eval_scorers().scores is not None  # before the roles are placed: the driver scores
-    trainer.reward = object()  # placed
-    scorers = trainer.eval_scorers()
-    assert scorers.scores is None and scorers.rewards is not None
+    scorers = trainer.eval_scorers()  # before the roles are placed: the driver scores
+    assert scorers.scores is not None and scorers.rewards is None
+    assert driver_scores(dataset, trainer.eval_scorer, rewards_placed=True) is None  # placed: only they score
     # With a task, eval/score is the task's own score beside the run's reward: both are asked for.
     task_run = PPOTrainer(tiny_run_config(tmp_path / "task-run"))
-    task_run.reward = object()
-    assert task_run.eval_scorers().scores is not None
+    assert driver_scores(task_run.config, task_run.eval_scorer, rewards_placed=True) is not None
 
 
 def test_relay_eval_measures_perplexity_on_the_text_set_training_did(tmp_path, tiny_model):

@@ -88,7 +88,7 @@ def test_the_only_rollout_engine_killed_is_replaced_before_the_run_goes_on(ray_s
 
 
 def test_a_reward_that_is_not_finite_stops_the_run_and_keeps_the_samples(ray_session, tmp_path):
-    from jobs.ppo import RewardFailure
+    from jobs.roles import RewardFailure
 
     config = tiny_run_config(tmp_path, "reward.function=tests.user_reward:not_a_number")
     trainer = PPOTrainer(config)
@@ -113,6 +113,7 @@ def test_a_peers_task_error_restarts_the_roles_only_when_a_process_died(ray_sess
     from ray.exceptions import RayTaskError
 
     from actors.group import ActorGroup
+    from jobs.supervision import Supervisor
     from relay.placement import Placement
     from tests.live_ray import FailingRank
 
@@ -121,28 +122,30 @@ def test_a_peers_task_error_restarts_the_roles_only_when_a_process_died(ray_sess
 
     placement = Placement(world_size=2, bundles=[{"CPU": 0.1}] * 2, strategy="PACK", cpus_per_rank=0.1,
                           gpus_per_rank=0.0)
-    trainer = PPOTrainer(tiny_run_config(tmp_path, "run.max_restarts=1"))
-    calls = []
+    supervisor = Supervisor(tiny_run_config(tmp_path, "run.max_restarts=1"))
+    group = ActorGroup(FailingRank, "rank", placement, namespace="relay-tests", timeout_s=60)
+    group.wait_ready()
+    calls, torn_down = [], []
 
-    def train(started: float) -> dict:
-        calls.append(started)
+    def train() -> dict:
+        calls.append(True)
         if len(calls) == 1:
-            attempt(trainer.policy)
+            attempt(group)
         return {"trained": True}
 
-    trainer.train = train
-    trainer.policy = ActorGroup(FailingRank, "rank", placement, namespace="relay-tests", timeout_s=60)
-    trainer.policy.wait_ready()
+    def fit() -> dict:
+        return supervisor.fit(train, lambda: bool(group.dead_ranks()), lambda: torn_down.append(True), "here")
+
     with pytest.raises(RayTaskError, match="Connection closed by peer"):
-        trainer.fit()  # every process alive: the error is the run's
-    assert trainer.policy.dead_ranks() == []
+        fit()  # every process alive: the error is the run's
+    assert group.dead_ranks() == [] and torn_down == []
 
     calls.clear()
-    ray.kill(trainer.policy.actors[1])
-    wait_for(lambda: trainer.policy.dead_ranks(timeout_s=5) == [1], 30, "rank 1 dead")
-    assert trainer.fit() == {"trained": True} and len(calls) == 2  # restarted once, and trained
-    assert not hasattr(trainer, "policy")  # the roles were torn down for the restart
-    trainer.shutdown()
+    ray.kill(group.actors[1])
+    wait_for(lambda: group.dead_ranks(timeout_s=5) == [1], 30, "rank 1 dead")
+    assert fit() == {"trained": True} and len(calls) == 2  # restarted once, and trained
+    assert torn_down == [True]  # the roles were torn down for the restart
+    group.shutdown()
 
 
 def test_a_role_that_cannot_be_placed_is_named_after_its_deadline(ray_session):

@@ -1,7 +1,7 @@
 import struct
 from pathlib import Path
 
-from jobs.ppo import iteration_line
+from jobs.iteration import iteration_line
 from relay.metrics import MetricsLogger, metric_role, ray_metric_name, read_metrics
 
 

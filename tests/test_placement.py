@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from relay.config import load_config
-from relay.placement import COLOCATED_GPU_SHARE, engine_placement, role_placement, run_placement_groups
+from relay.placement import COLOCATED_GPU_SHARE, engine_placement, role_placement
+from tests.conftest import run_placement_groups
 from tests.conftest import DEMO_CONFIG
 
 

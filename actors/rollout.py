@@ -232,9 +232,9 @@ class RolloutFleet:
     def _wait_for_an_engine(self, what: str) -> None:
         """Until an engine is active: pending ones join as they come up (a failed start is replaced, within
         rollout.max_failures)."""
+        deadline = Deadline(self.call_timeout_s)
         while not self.active:
-            ready, _ = ray.wait([member.ready for member in self.pending], num_returns=1,
-                                timeout=self.call_timeout_s)
+            ready, _ = ray.wait([member.ready for member in self.pending], num_returns=1, timeout=deadline.left())
             if not ready:
                 names = ", ".join(f"rollout-{member.index}" for member in self.pending)
                 raise TimeoutError(f"waited run.call_timeout_s={self.call_timeout_s:.0f} s for {what}: none of "

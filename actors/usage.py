@@ -13,7 +13,7 @@ import torch
 
 
 class Usage:
-    _busy_seconds: dict[str, float]
+    _busy_seconds: dict[str, float] | None = None  # each process's own, from its first busy pass
 
     @contextmanager
     def busy(self, what: str) -> Iterator[None]:
@@ -26,14 +26,14 @@ class Usage:
 
     def add_busy(self, what: str, seconds: float) -> None:
         """Count `seconds` as this process's `what` (for work timed by itself, such as a generator's)."""
-        if not hasattr(self, "_busy_seconds"):
+        if self._busy_seconds is None:
             self._busy_seconds = {}
         self._busy_seconds[what] = self._busy_seconds.get(what, 0.0) + seconds
 
     def usage(self) -> dict[str, float]:
         """Seconds per pass since the last call (then reset), and peak memory so far: resident (MiB) and, on a
         GPU, allocated by torch (MiB)."""
-        seconds, self._busy_seconds = getattr(self, "_busy_seconds", {}), {}
+        seconds, self._busy_seconds = self._busy_seconds or {}, {}
         peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
         if torch.cuda.is_available():
             peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20

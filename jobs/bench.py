@@ -42,7 +42,7 @@ from actors.reward import RewardScorer
 from actors.engine import ENGINE_ENV
 from actors.rollout import RolloutWorker
 from jobs.common import check_cluster_resources, connect_ray, prepare_base_model
-from jobs.ppo import PPOTrainer
+from jobs.ppo import PPOTrainer, initial_tokenizer
 from jobs.rollout_source import RolloutSource
 from relay.config import RelayConfig, load_config
 from relay.metrics import read_metrics
@@ -229,7 +229,9 @@ def raw_passes(config: RelayConfig, policy_path: str, reward_path: str | None, r
 
 def bench_prompts(config: RelayConfig) -> list[str]:
     """The prompts of one iteration, each repeated samples_per_prompt times (TRL samples once per prompt)."""
-    prompts = PPOTrainer(config).next_prompts(config.data.prompts_per_iteration)
+    tokenizer = initial_tokenizer(config)
+    prompts = RolloutSource(config, load_prompt_data(config, tokenizer), tokenizer).next_prompts(
+        config.data.prompts_per_iteration)
     return [prompt.text for prompt in prompts for _ in range(config.rollout.samples_per_prompt)]
 
 

@@ -1,10 +1,12 @@
-"""What the three jobs (ppo, sft, reward_model) share: joining Ray, the base model, and the Ray Train worker set-up
-and final save that the warm start and the reward model run alike. Imports flow one way: the jobs import this
-module, never each other's internals, and this module imports no job."""
+"""What the jobs share: joining Ray, the checks before it, the base model, and the Ray Train worker set-up and final
+save that the warm start and the reward model run alike. Imports flow one way: every job may import this module,
+and it imports no job (tests/test_layout.py lists which jobs import which: the driver its rooms and the two
+training jobs it runs, `relay bench` and `relay eval` the driver)."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,3 +204,19 @@ def save_and_report(worker: TrainWorker, metrics: dict[str, Any]) -> None:
         save_pretrained(worker.engine.module, worker.tokenizer, worker.zero_stage, worker.rank, target)
         checkpoint = Checkpoint.from_directory(str(target)) if worker.rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def start_training_job(config: RelayConfig, section: str) -> Path:
+    """A training job run on its own (`relay sft`, `relay reward-model`): its config section set, the device and
+    the run directory checked before Ray starts, then Ray connected. Returns the run directory, created."""
+    if getattr(config, section) is None:
+        sys.exit(f"the config has no {section} section; nothing to train")
+    run_dir = Path(config.run.output_dir)
+    try:
+        check_device(config)
+        check_output_dir(run_dir)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    connect_ray(config)
+    return run_dir

@@ -24,13 +24,11 @@ import ray.train
 import torch
 
 from jobs.common import (
-    check_device,
-    check_output_dir,
-    connect_ray,
     fit_on_ray_train,
     prepare_base_model,
     save_and_report,
     start_train_worker,
+    start_training_job,
 )
 from relay.config import RelayConfig, RewardModelSection, config_from_command_line
 from relay.models import load_tokenizer
@@ -130,16 +128,7 @@ def run_reward_model_training(config: RelayConfig, base_model_path: str, run_dir
 
 def main(argv: list[str] | None = None) -> None:
     config = config_from_command_line("Bradley–Terry reward model on Ray Train + DeepSpeed.", argv)
-    if config.reward_model_training is None:
-        sys.exit("the config has no reward_model_training section; nothing to train")
-    run_dir = Path(config.run.output_dir)
-    try:
-        check_device(config)
-        check_output_dir(run_dir)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    connect_ray(config)
+    run_dir = start_training_job(config, "reward_model_training")
     try:
         result = run_reward_model_training(config, prepare_base_model(config, run_dir), run_dir)
     except ValueError as error:  # a malformed preference row or missing chat template: the message says where

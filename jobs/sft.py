@@ -20,13 +20,11 @@ import ray
 from ray.experimental import tqdm_ray
 
 from jobs.common import (
-    check_device,
-    check_output_dir,
-    connect_ray,
     fit_on_ray_train,
     prepare_base_model,
     save_and_report,
     start_train_worker,
+    start_training_job,
 )
 from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
 from relay.data import collate_sft, load_sft_examples, tokenize_sft_example
@@ -133,16 +131,7 @@ def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     config = config_from_command_line("Supervised warm start on Ray Train + DeepSpeed.", argv)
-    if config.warm_start is None:
-        sys.exit("the config has no warm_start section; nothing to train")
-    run_dir = Path(config.run.output_dir)
-    try:
-        check_device(config)
-        check_output_dir(run_dir)
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    connect_ray(config)
+    run_dir = start_training_job(config, "warm_start")
     try:
         model_path = run_warm_start(config, prepare_base_model(config, run_dir), run_dir)
     except ConfigError as error:  # a malformed row of warm_start.data, found before any worker starts

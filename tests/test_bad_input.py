@@ -145,7 +145,7 @@ class Case:
 
 
 CASES = [
-    # --- the config file and its overrides (relay/config.py load_config / config_from_command_line)
+    # --- the config file and its overrides (relay/config/loading.py load_config / config_from_command_line)
     Case("unknown-key", ["run.bogus=1"], r"run\.bogus: unknown key"),
     Case("bad-value-type", ["algorithm.kl_coef=lots"], r"algorithm\.kl_coef: .*(number|float)"),
     Case("config-file-missing", [], r"config file \S*nope\.yaml does not exist", config="{case}/nope.yaml"),

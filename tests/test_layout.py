@@ -1,6 +1,6 @@
 """The import layering the code relies on: the core library `relay/` knows no Ray role or job (only the CLI
-dispatches to them), the roles (`actors/`) know no job, and the jobs import shared code from jobs/common.py and the
-run directory's record from jobs/record.py; only the driver and the commands built on it import another job."""
+dispatches to them), the roles (`actors/`) know no job, and the jobs import shared code from jobs/common.py; only the
+driver imports its rooms and the training jobs it runs, and only the commands built on the driver import it."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_core_imports_no_actor_and_no_job():
     assert {path: modules for path, modules in offenders.items() if modules} == {}
 
 
-def test_jobs_share_code_through_common_only():
+def test_jobs_import_only_common_and_the_jobs_they_build_on():
     # The driver's rooms (the rollout source, the roles, the iteration, the record, supervision) are the
     # driver's; the evaluation and the bench reuse the driver and the rooms they need.
     rooms = {"jobs.rollout_source", "jobs.roles", "jobs.iteration", "jobs.record", "jobs.supervision"}

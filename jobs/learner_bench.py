@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from actors.learner import GatherSummary, Learner
 from relay.batch import RolloutBatch
-from relay.config import load_config
+from relay.config import RelayConfig, load_config
 from relay.models import build_tokenizer
 from relay.tasks import get_task
 from relay.zero import weight_buckets
@@ -103,7 +103,7 @@ def report(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
@@ -118,8 +118,102 @@ def main() -> None:
     parser.add_argument("--gather-only", action="store_true",
                         help="only the sync's gather, from a model without optimizer (for shapes whose Adam state "
                              "does not fit one device)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def measure_model_gather(args: argparse.Namespace, common: dict[str, str], path: Path, device: str,
+                         dtype: torch.dtype) -> None:
+    """--gather-only: the sync's gather from the plain model (no Learner, no optimizer), per bucket size."""
+    model = SHAPES[args.shape][1].from_pretrained(path, dtype=dtype).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    for bucket_mb in args.bucket_mb:
+        # Each bucket dropped once the next is gathered, as the Ray generator does after storing it.
+        seconds, buckets = timed(lambda: sum(1 for _ in weight_buckets(model, 2, 0, int(bucket_mb * 2**20))), 3)
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        report(**common, what="gather", parameters=parameters, bucket_mb=bucket_mb, buckets=buckets,
+               gigabytes=round(size / 1e9, 3), first_seconds=round(seconds[0], 3),
+               seconds=round(min(seconds[1:]), 3), gigabytes_per_s=round(size / 1e9 / min(seconds[1:]), 2))
+
+
+def set_single_process_rendezvous() -> None:
+    """The environment the Learner's process group is set up from: a world of this one process, on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                   "LOCAL_RANK": "0"}
+
+
+def learner_config(args: argparse.Namespace, device: str) -> RelayConfig:
+    """The demo's config, set to the bench's dtype, ZeRO stage, batch shape and number of steps."""
+    prompts_per_iteration = args.samples // 4
+    return load_config(DEMO_CONFIG, [
+        f"device={device}", "warm_start=null", f"policy.dtype={args.dtype}",
+        *[f"{role}.resources.gpus_per_node={int(device == 'cuda')}" for role in ("policy", "critic", "reference")],
+        f"policy.zero_stage={args.zero_stage}", f"policy.micro_batch_size={args.micro_batch}",
+        f"critic.micro_batch_size={args.micro_batch}", f"reference.micro_batch_size={args.micro_batch}",
+        f"policy.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+        f"data.prompts_per_iteration={prompts_per_iteration}", "rollout.samples_per_prompt=4",
+        f"rollout.max_new_tokens={args.response_tokens}",
+        f"rollout.max_model_len={args.prompt_tokens + args.response_tokens}",
+        "algorithm.epochs=1", "algorithm.mini_batches=1", f"run.iterations={args.steps + 1}",
+    ])
+
+
+def start_learner(args: argparse.Namespace, common: dict[str, str], config: RelayConfig,
+                  path: Path) -> tuple[Learner, int]:
+    """The policy learner and its parameter count, timed together and reported."""
+    started = time.perf_counter()
+    learner = Learner("policy", config, str(path), rank=0, world_size=1)
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in learner.engine.module.parameters())
+    report(**common, what="learner_start", parameters=parameters, zero_stage=args.zero_stage,
+           seconds=round(time.perf_counter() - started, 2))
+    return learner, parameters
+
+
+def measure_learner_step(args: argparse.Namespace, common: dict[str, str], device: str, learner: Learner,
+                         parameters: int) -> list[float]:
+    """The scoring pass and the PPO step on a synthetic batch, with peak memory; returns the PPO steps' seconds
+    (warm-up first)."""
+    vocab_size = learner.engine.module.config.vocab_size
+    batch = synthetic_batch(args.samples, args.prompt_tokens, args.response_tokens, vocab_size)
+    tokens = args.samples * (args.prompt_tokens + args.response_tokens)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    score_seconds, old_logprobs = timed(lambda: learner.score(batch), args.steps + 1)
+    advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1))
+    train_batch = replace(batch, old_logprobs=old_logprobs, advantages=advantages)
+    iteration = iter(range(1, 10**6))
+    train_seconds, stats = timed(lambda: learner.train(train_batch, next(iteration)), args.steps + 1)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    report(**common, what="learner_step", zero_stage=args.zero_stage, parameters=parameters,
+           samples=args.samples, tokens=tokens, micro_batch=args.micro_batch,
+           gradient_checkpointing=args.gradient_checkpointing,
+           score_seconds=round(statistics.median(score_seconds[1:]), 3),
+           train_seconds=round(statistics.median(train_seconds[1:]), 3),
+           train_tokens_per_s=round(tokens / statistics.median(train_seconds[1:])),
+           peak_memory_gib=round(peak, 2) if peak is not None else None,
+           loss=round(stats["losses/policy"], 4))
+    return train_seconds
+
+
+def measure_learner_gather(args: argparse.Namespace, common: dict[str, str], learner: Learner, parameters: int,
+                           train_seconds: list[float]) -> None:
+    """The learner's bucketed gather for the weight sync, per bucket size, also as a share of the PPO step."""
+    for bucket_mb in args.bucket_mb:
+        # Each bucket dropped once received, as the Ray generator does after storing it.
+        seconds, summary = timed(lambda: deque(learner.weight_buckets(bucket_mb), maxlen=1)[0], 3)
+        assert isinstance(summary, GatherSummary)
+        report(**common, what="gather", zero_stage=args.zero_stage, parameters=parameters, bucket_mb=bucket_mb,
+               buckets=summary.buckets, gigabytes=round(summary.bytes / 1e9, 3),
+               first_seconds=round(seconds[0], 3), seconds=round(min(seconds[1:]), 3),
+               gigabytes_per_s=round(summary.bytes / 1e9 / min(seconds[1:]), 2),
+               share_of_train_step=round(min(seconds[1:]) / statistics.median(train_seconds[1:]), 3))
+
+
+def main() -> None:
+    args = parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     common = {"shape": args.shape, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -129,69 +223,14 @@ def main() -> None:
         path = build_model(args.shape, dtype, Path(scratch) / "model")
         report(**common, what="build", seconds=round(time.perf_counter() - started, 2))
         if args.gather_only:
-            model = SHAPES[args.shape][1].from_pretrained(path, dtype=dtype).to(device)
-            parameters = sum(p.numel() for p in model.parameters())
-            for bucket_mb in args.bucket_mb:
-                # Each bucket dropped once the next is gathered, as the Ray generator does after storing it.
-                seconds, buckets = timed(
-                    lambda: sum(1 for _ in weight_buckets(model, 2, 0, int(bucket_mb * 2**20))), 3)
-                size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-                report(**common, what="gather", parameters=parameters, bucket_mb=bucket_mb, buckets=buckets,
-                       gigabytes=round(size / 1e9, 3), first_seconds=round(seconds[0], 3),
-                       seconds=round(min(seconds[1:]), 3), gigabytes_per_s=round(size / 1e9 / min(seconds[1:]), 2))
+            measure_model_gather(args, common, path, device, dtype)
             return
 
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}
-        prompts_per_iteration = args.samples // 4
-        config = load_config(DEMO_CONFIG, [
-            f"device={device}", "warm_start=null", f"policy.dtype={args.dtype}",
-            *[f"{role}.resources.gpus_per_node={int(device == 'cuda')}" for role in ("policy", "critic", "reference")],
-            f"policy.zero_stage={args.zero_stage}", f"policy.micro_batch_size={args.micro_batch}",
-            f"critic.micro_batch_size={args.micro_batch}", f"reference.micro_batch_size={args.micro_batch}",
-            f"policy.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
-            f"data.prompts_per_iteration={prompts_per_iteration}", "rollout.samples_per_prompt=4",
-            f"rollout.max_new_tokens={args.response_tokens}",
-            f"rollout.max_model_len={args.prompt_tokens + args.response_tokens}",
-            "algorithm.epochs=1", "algorithm.mini_batches=1", f"run.iterations={args.steps + 1}",
-        ])
-        started = time.perf_counter()
-        learner = Learner("policy", config, str(path), rank=0, world_size=1)
-        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in learner.engine.module.parameters())
-        report(**common, what="learner_start", parameters=parameters, zero_stage=args.zero_stage,
-               seconds=round(time.perf_counter() - started, 2))
-        vocab_size = learner.engine.module.config.vocab_size
-        batch = synthetic_batch(args.samples, args.prompt_tokens, args.response_tokens, vocab_size)
-        tokens = args.samples * (args.prompt_tokens + args.response_tokens)
-
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        score_seconds, old_logprobs = timed(lambda: learner.score(batch), args.steps + 1)
-        advantages = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(1))
-        train_batch = replace(batch, old_logprobs=old_logprobs, advantages=advantages)
-        iteration = iter(range(1, 10**6))
-        train_seconds, stats = timed(lambda: learner.train(train_batch, next(iteration)), args.steps + 1)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-        report(**common, what="learner_step", zero_stage=args.zero_stage, parameters=parameters,
-               samples=args.samples, tokens=tokens, micro_batch=args.micro_batch,
-               gradient_checkpointing=args.gradient_checkpointing,
-               score_seconds=round(statistics.median(score_seconds[1:]), 3),
-               train_seconds=round(statistics.median(train_seconds[1:]), 3),
-               train_tokens_per_s=round(tokens / statistics.median(train_seconds[1:])),
-               peak_memory_gib=round(peak, 2) if peak is not None else None,
-               loss=round(stats["losses/policy"], 4))
-        for bucket_mb in args.bucket_mb:
-            # Each bucket dropped once received, as the Ray generator does after storing it.
-            seconds, summary = timed(lambda: deque(learner.weight_buckets(bucket_mb), maxlen=1)[0], 3)
-            assert isinstance(summary, GatherSummary)
-            report(**common, what="gather", zero_stage=args.zero_stage, parameters=parameters, bucket_mb=bucket_mb,
-                   buckets=summary.buckets, gigabytes=round(summary.bytes / 1e9, 3),
-                   first_seconds=round(seconds[0], 3), seconds=round(min(seconds[1:]), 3),
-                   gigabytes_per_s=round(summary.bytes / 1e9 / min(seconds[1:]), 2),
-                   share_of_train_step=round(min(seconds[1:]) / statistics.median(train_seconds[1:]), 3))
+        set_single_process_rendezvous()
+        config = learner_config(args, device)
+        learner, parameters = start_learner(args, common, config, path)
+        train_seconds = measure_learner_step(args, common, device, learner, parameters)
+        measure_learner_gather(args, common, learner, parameters, train_seconds)
         torch.distributed.destroy_process_group()
 
 

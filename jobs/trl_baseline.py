@@ -35,8 +35,13 @@ import copy
 import math
 import time
 import warnings
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class _IterationClock(TrainerCallback):
@@ -91,20 +96,10 @@ def trl_seconds_per_iteration(
     seed: int = 0,
 ) -> list[float]:
     """Run `iterations` iterations of TRL's PPO and return the wall seconds of each (the first is warm-up)."""
-    import torch
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        PrinterCallback,
-        ProgressCallback,
-    )
-    from transformers.utils import logging as hf_logging
-
     with warnings.catch_warnings():  # "you are importing from trl.experimental": known, and the reason for this module
         warnings.simplefilter("ignore", UserWarning)
         from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from transformers import PrinterCallback, ProgressCallback
 
     if len(prompts) < samples_per_iteration:
         raise ValueError(f"TRL samples one response per prompt: {samples_per_iteration} samples per iteration "
@@ -112,12 +107,57 @@ def trl_seconds_per_iteration(
     check_same_work(samples_per_iteration=samples_per_iteration, mini_batches=mini_batches,
                     micro_batch_size=micro_batch_size, dtype=dtype)
 
+    tokenizer = generation_tokenizer(policy_path)
+    # More rows than the iterations take: the loader's last batch would step the optimizer at every micro-batch.
+    dataset = prompt_dataset(prompts, tokenizer, rows=(iterations + 1) * samples_per_iteration)
+    policy, reference, value_model, reward_model = load_models(policy_path, reward_model_path, dtype)
+    config = PPOConfig(**ppo_settings(
+        output_dir=output_dir, dtype=dtype, seed=seed, learning_rate=learning_rate, iterations=iterations,
+        samples_per_iteration=samples_per_iteration, micro_batch_size=micro_batch_size, mini_batches=mini_batches,
+        epochs=epochs, response_length=response_length, temperature=temperature))
+    clock = _IterationClock()
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=dataset,
+        callbacks=[clock],
+    )
+    for printer in (PrinterCallback, ProgressCallback):  # the per-iteration metrics dict it would print
+        trainer.remove_callback(printer)
+    trainer.train()
+    return clock.seconds()
+
+
+def generation_tokenizer(policy_path: str) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer, padding on the left (prompts end where generation starts), with EOS as its pad token
+    where it has none."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(policy_path, padding_side="left")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # More rows than the iterations take: the loader's last batch would step the optimizer at every micro-batch.
-    rows = prompts * math.ceil((iterations + 1) * samples_per_iteration / len(prompts))
-    dataset = Dataset.from_dict({"input_ids": [tokenizer(prompt).input_ids for prompt in rows]})
+    return tokenizer
+
+
+def prompt_dataset(prompts: list[str], tokenizer: PreTrainedTokenizerBase, rows: int) -> Dataset:
+    """The prompts' token ids, in the `input_ids` column TRL reads, the prompts repeated whole until there are at
+    least `rows`."""
+    from datasets import Dataset
+
+    repeated = prompts * math.ceil(rows / len(prompts))
+    return Dataset.from_dict({"input_ids": [tokenizer(prompt).input_ids for prompt in repeated]})
+
+
+def load_models(policy_path: str, reward_model_path: str, dtype: str) -> tuple[PreTrainedModel, ...]:
+    """The policy, the reference (a copy of it), the value model and the reward model (both from the reward model's
+    checkpoint, one label), all in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model
@@ -131,9 +171,26 @@ def trl_seconds_per_iteration(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    reference = copy.deepcopy(policy)
+    return policy, copy.deepcopy(policy), value_model, reward_model
 
-    config = PPOConfig(
+
+def ppo_settings(
+    *,
+    output_dir: str,
+    dtype: str,
+    seed: int,
+    learning_rate: float,
+    iterations: int,
+    samples_per_iteration: int,
+    micro_batch_size: int,
+    mini_batches: int,
+    epochs: int,
+    response_length: int,
+    temperature: float,
+) -> dict[str, Any]:
+    """TRL's PPOConfig fields for relay's work on CPU: one rollout batch of `samples_per_iteration` per iteration,
+    responses of exactly `response_length` tokens, and no sample generations, checkpoints, reports or progress bars."""
+    return dict(
         output_dir=output_dir,
         use_cpu=True,
         bf16=dtype == "bfloat16",
@@ -157,18 +214,3 @@ def trl_seconds_per_iteration(
         save_strategy="no",
         disable_tqdm=True,
     )
-    clock = _IterationClock()
-    trainer = PPOTrainer(
-        args=config,
-        processing_class=tokenizer,
-        model=policy,
-        ref_model=reference,
-        reward_model=reward_model,
-        value_model=value_model,
-        train_dataset=dataset,
-        callbacks=[clock],
-    )
-    for printer in (PrinterCallback, ProgressCallback):  # the per-iteration metrics dict it would print
-        trainer.remove_callback(printer)
-    trainer.train()
-    return clock.seconds()

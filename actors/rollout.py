@@ -16,9 +16,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.engine import ENGINE_ENV, engine_options
+from actors.episodes import Episode, EpisodeRunner, EpisodeStart
 from actors.group import Deadline
 from actors.usage import Usage
 from relay.config import RelayConfig
+from relay.envs import EnvContractError
+from relay.envs.render import TurnRenderer
+from relay.models import load_tokenizer
 from relay.placement import engine_placement
 
 RETIRE_TIMEOUT_S = 60
@@ -55,6 +59,10 @@ class RolloutWorker(Usage):
         )
         self.engine = LLMEngine.from_engine_args(engine_args, stat_loggers=[RayPrometheusStatLogger])
         self._request_ids = itertools.count()
+        self.config = config
+        # A multi-turn run's episodes render their prompts and observations with the run's tokenizer.
+        self.renderer = (TurnRenderer(load_tokenizer(model_path, config.chat_template), config.chat_template)
+                         if config.env is not None else None)
 
     def generate(
         self, prompt_token_ids: list[list[int]], samples_per_prompt: int, temperature: float, seeds: list[int]
@@ -93,6 +101,20 @@ class RolloutWorker(Usage):
                             for completion in output.outputs
                         ]
             return results
+
+    def run_episodes(self, starts: list[EpisodeStart], env_actors: list[Any], temperature: float,
+                     stop: list[str]) -> list[Episode] | EnvContractError:
+        """Multi-turn episodes against the environment actors, each advancing on its own (actors/episodes.py);
+        an env that broke the contract is returned, not raised: it is no failure of this engine."""
+        assert self.renderer is not None and self.config.env is not None
+        with self.busy("generate"):
+            try:
+                return EpisodeRunner(self.engine, self.renderer, self.rollout, self.config.env, stop, temperature,
+                                     self.config.run.call_timeout_s).run(starts, env_actors)
+            except EnvContractError as error:
+                while self.engine.has_unfinished_requests():  # the other episodes' turns, dropped
+                    self.engine.step()
+                return error
 
     def load_weights(self, buckets: list[ray.ObjectRef], policy_version: int) -> int:
         """Load the policy learner's weights in place, bucket by bucket (vLLM's own reload, which rebuilds each
@@ -265,6 +287,27 @@ class RolloutFleet:
                     results[index] = prompt_samples
             todo = [index for member, chunk in chunks.items() if chunk and member not in done for index in chunk]
         return results
+
+    def run_episodes(self, starts: list[EpisodeStart], env_actors: list[Any], temperature: float,
+                     stop: list[str]) -> list[Episode]:
+        """The episodes split over the active engines in contiguous chunks, returned in the order of `starts`; an
+        engine that fails has its episodes run again on the others."""
+        results: dict[str, Episode] = {}
+        todo = list(starts)
+        while todo:
+            if not self.active:
+                self._wait_for_an_engine("a replacement rollout engine")
+            chunks = dict(zip(self.active, _split_evenly(todo, len(self.active))))
+            done = self._call_each([member for member in self.active if chunks[member]],
+                                   lambda member: member.worker.run_episodes.remote(chunks[member], env_actors,
+                                                                                    temperature, stop),
+                                   "run episodes")
+            for episodes in done.values():
+                if isinstance(episodes, EnvContractError):
+                    raise episodes
+                results |= {episode.key: episode for episode in episodes}
+            todo = [start for member, chunk in chunks.items() if chunk and member not in done for start in chunk]
+        return [results[start.key] for start in starts]
 
     def load_weights(self, buckets: list[ray.ObjectRef], policy_version: int) -> None:
         """The new policy weights (buckets of whole decoder blocks, in the object store) into every active engine;

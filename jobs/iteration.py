@@ -21,7 +21,7 @@ from jobs.rollout_source import Rollout, RolloutSource
 from relay import ppo
 from relay.batch import RolloutBatch
 from relay.config import RelayConfig
-from relay.estimators import ESTIMATORS
+from relay.estimators import estimate
 from relay.prompts import PromptCounts
 from relay.rewards import RewardNormalizer
 
@@ -63,7 +63,7 @@ class Iteration:
                 self.source.wait_ahead()
         with phase("sync", metrics):
             self.sync()
-        metrics |= self.statistics(rollout, batch, kl, scored.rewards)
+        metrics |= self.statistics(rollout, batch, kl, episode_returns(batch, scored.rewards))
         with phase("accounting", metrics):
             metrics |= self.usage()
         return metrics
@@ -77,8 +77,10 @@ class Iteration:
         kl_coef_in_reward = self.kl_controller.value if algorithm.kl_placement == "reward" else 0.0
         token_rewards, kl = ppo.token_rewards(rewards, scored.old_logprobs, scored.ref_logprobs, mask,
                                               kl_coef_in_reward, algorithm.kl_estimator)
-        advantages, returns = ESTIMATORS[algorithm.advantage](token_rewards, scored.values, mask, algorithm,
-                                                              self.config.rollout.samples_per_prompt)
+        if batch.step_rewards is not None:  # an environment's, each on the last token of its action
+            token_rewards = token_rewards + batch.step_rewards
+        advantages, returns = estimate(algorithm.advantage, token_rewards, scored.values, mask, algorithm,
+                                       self.config.rollout.samples_per_prompt)
         stale = self.state.policy_version > batch.policy_version
         weights = (ppo.behavior_weights(scored.old_logprobs, batch.sampler_logprobs, mask,
                                         algorithm.behavior_weight_cap) if stale else None)
@@ -94,7 +96,8 @@ class Iteration:
 
     def statistics(self, rollout: Rollout, batch: RolloutBatch, kl: torch.Tensor,
                    raw_rewards: torch.Tensor) -> dict[str, float]:
-        """The iteration's figures (the learners' come from training), after the KL controller's update."""
+        """The iteration's figures (the learners' come from training), after the KL controller's update.
+        `raw_rewards` [B] are each sample's, before normalisation (an episode's return)."""
         algorithm, mask = self.config.algorithm, batch.action_mask
         kl_per_sequence = ppo.masked_sum(kl, mask, dim=1).mean().item()
         self.kl_controller.update(kl_per_sequence, len(batch))
@@ -147,6 +150,11 @@ class Iteration:
         state.reward_stats = self.reward_normalizer.state_dict()
 
 
+def episode_returns(batch: RolloutBatch, rewards: torch.Tensor) -> torch.Tensor:
+    """Each sample's raw reward [B]: the reward source's, plus an environment's step rewards."""
+    return rewards if batch.step_rewards is None else rewards + batch.step_rewards.sum(dim=1)
+
+
 @contextmanager
 def phase(name: str, metrics: dict[str, float]) -> Iterator[None]:
     """Time a phase of the iteration into metrics['time/<name>'] (seconds, added up over its parts)."""
@@ -166,6 +174,9 @@ def iteration_line(iteration: int, iterations: int, metrics: dict[str, float]) -
         line += f" (+{metrics['rollout/workers_pending']:.0f} pending)"
     if metrics.get("rollout/worker_failures"):
         line += f" ({metrics['rollout/worker_failures']:.0f} failed so far)"
+    if "env/turns_mean" in metrics:
+        line += (f" | turns {metrics['env/turns_mean']:.2f} tool calls {metrics['env/tool_calls_mean']:.2f}"
+                 f" env errors {metrics['env/errors']:.0f}")
     line += " | " + " ".join(f"{name} {metrics[f'time/{name}']:.2f}s" for name in PHASES if f"time/{name}" in metrics)
     if "eval/score" in metrics:
         line += f" | eval {metrics['eval/score']:.3f}"

@@ -40,6 +40,7 @@ from jobs.common import (
 from jobs.iteration import Iteration, iteration_line, phase
 from jobs.record import DriverState, RunRecord, check_resumable
 from jobs.reward_model import run_reward_model_training
+from jobs.episode_source import EnvFailure, env_stop
 from jobs.roles import RewardFailure, Roles
 from jobs.rollout_source import RolloutSource
 from jobs.sft import run_warm_start
@@ -64,8 +65,10 @@ class PPOTrainer:
         check_device(config)
         check_output_dir(self.run_dir)
         check_resumable(config, self.run_dir)
-        if config.reward.type != "model":
+        if config.reward.type not in ("model", "none"):
             build_reward_source(config.reward, task_of(config.data), config.data.task)  # imports reward.function
+        if config.env is not None:
+            env_stop(config)  # imports the env, builds one with env.kwargs and reads its stop strings
         self.tokenizer = initial_tokenizer(config)
         check_scoring_tokenizers(config, self.tokenizer)  # reward, critic and reference read the policy's token ids
         self.data = load_prompt_data(config, self.tokenizer)
@@ -166,8 +169,8 @@ class PPOTrainer:
             generate=lambda prompts, samples, seed: self.source.generate(prompts, samples, seed, 0,
                                                                          self.state.policy_version),
             scores=driver_scores(self.config, self.eval_scorer, rewards_placed=roles is not None),
-            rewards=None if roles is None else lambda batch: roles.score_rewards(batch, self.state.iteration,
-                                                                                 evaluation=True),
+            rewards=None if roles is None or roles.reward is None else lambda batch: roles.score_rewards(
+                batch, self.state.iteration, evaluation=True),
             policy_logprobs=None if roles is None else roles.policy_logprobs,
             reference_logprobs=None if roles is None else roles.reference_logprobs,
         )
@@ -368,6 +371,8 @@ def eval_scorer(config: RelayConfig) -> tuple[RewardSource | None, str]:
     """What the held-out score measures, and the source that scores it in the driver: the task's own reward when
     the prompts come from a task (ground truth, whatever the training reward is), else the run's reward (None for
     a reward model, which scores through the reward actors)."""
+    if config.env is not None:
+        return None, f"episode return in env {config.env.name}"
     task = task_of(config.data)
     if task is not None:
         return FunctionReward(task.reward, name=f"task {config.data.task}"), f"task {config.data.task} reward"
@@ -382,7 +387,7 @@ def driver_scores(config: RelayConfig, scorer: RewardSource | None,
     """The held-out score computed in the driver, or None. Without a task the held-out score is the run's reward:
     once the reward actors are placed, they score the batch and eval/score is eval/reward (the driver scoring it
     again would call a remote endpoint twice)."""
-    if scorer is None or (rewards_placed and task_of(config.data) is None):
+    if scorer is None or (rewards_placed and task_of(config.data) is None) or config.env is not None:
         return None
     return lambda batch: torch.tensor(scorer.score(batch.prompts, batch.responses, batch.metadata))
 
@@ -406,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         return trainer.fit()
     except Terminated:
         sys.exit(128 + signal.SIGTERM)
-    except RewardFailure as error:
+    except (RewardFailure, EnvFailure) as error:
         sys.exit(f"error: {error}")
     except RayTaskError as error:
         if isinstance(error.cause, NonFiniteLoss):

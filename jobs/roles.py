@@ -60,9 +60,11 @@ class Roles:
                           ActorGroup(Reference, "reference", role_placement(config, "reference"),
                                      namespace=namespace, share_placement_group=shared, cpu_threads=threads,
                                      timeout_s=timeout_s, config=config, model_path=reference_model))
-        self.reward = ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
-                                 share_placement_group=shared, cpu_threads=threads, timeout_s=timeout_s,
-                                 config=config, model_path=reward_model)
+        # An environment's run without a reward source is rewarded by its step rewards alone.
+        self.reward = (ActorGroup(RewardScorer, "reward", role_placement(config, "reward"), namespace=namespace,
+                                  share_placement_group=shared, cpu_threads=threads, timeout_s=timeout_s,
+                                  config=config, model_path=reward_model)
+                       if config.uses_reward_source else None)
         for group in self.groups:
             group.wait_ready()
 
@@ -96,12 +98,14 @@ class Roles:
             if not self.config.run.roles_in_parallel:
                 self.wait(refs[name], f"{name} (score)")
         if rewards is None:
-            rewards = self.score_rewards(batch, iteration, batch_ref=batch_ref)
+            rewards = (self.score_rewards(batch, iteration, batch_ref=batch_ref) if self.reward is not None
+                       else torch.zeros(len(batch)))
         old, ref, *values = (torch.cat(self.wait(parts, f"{name} (score)")) for name, parts in refs.items())
         return Scored(old, ref, values[0] if values else None, rewards)
 
     def score_rewards(self, batch: RolloutBatch, iteration: int, evaluation: bool = False,
                       batch_ref: ray.ObjectRef | None = None) -> torch.Tensor:
+        assert self.reward is not None, "a run without a reward source scores no rewards"
         return score_rewards(self.reward, batch, iteration, self.run_dir, self.config.run.call_timeout_s,
                              evaluation, batch_ref)
 

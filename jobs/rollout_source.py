@@ -23,6 +23,7 @@ from relay import ppo
 from relay.batch import RolloutBatch, concat_batches, pad_left, pad_right, request_seeds
 from relay.config import RelayConfig
 from relay.prompts import Prompt, PromptData
+from jobs.episode_source import EpisodeSource
 
 # Scores a batch's rewards [B] at an iteration (the reward actors'), for dynamic sampling.
 RewardScorer = Callable[[RolloutBatch, int], torch.Tensor]
@@ -48,6 +49,7 @@ class RolloutSource:
     def __init__(self, config: RelayConfig, data: PromptData, tokenizer: PreTrainedTokenizerBase) -> None:
         self.config, self.data, self.tokenizer = config, data, tokenizer
         self.fleet: RolloutFleet | None = None  # started by `start`, before the other roles
+        self.episodes: EpisodeSource | None = None  # a multi-turn run's: its environment actors
         self.epoch = self.cursor = 0  # the data position: the next prompt is the cursor-th of the epoch's order
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
         self._ahead: _Ahead | None = None
@@ -55,7 +57,10 @@ class RolloutSource:
                            if config.rollout.generate_ahead else None)
 
     def start(self, model_path: str) -> RolloutFleet:
+        """The engines on `model_path`, and a multi-turn run's environment actors."""
         self.fleet = RolloutFleet(self.config, model_path)
+        if self.config.env is not None:
+            self.episodes = EpisodeSource(self.config, self.tokenizer, self.fleet)
         return self.fleet
 
     # ---------------------------------------------------------------- batches
@@ -89,9 +94,9 @@ class RolloutSource:
 
     def _timed(self, prompts: list[Prompt], iteration: int, policy_version: int) -> Rollout:
         started = time.monotonic()
-        batch = self.generate(prompts, self.config.rollout.samples_per_prompt, self.config.run.seed, iteration,
-                              policy_version)
-        return Rollout(batch, None, time.monotonic() - started)
+        batch, metrics = self._generate(prompts, self.config.rollout.samples_per_prompt, self.config.run.seed,
+                                        iteration, policy_version)
+        return Rollout(batch, None, time.monotonic() - started, metrics)
 
     def _sample(self, iteration: int, policy_version: int, score_rewards: RewardScorer) -> Rollout:
         """This iteration's batch, sampled now; its rewards too with dynamic sampling.
@@ -129,12 +134,20 @@ class RolloutSource:
 
     def generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int,
                  policy_version: int, round_index: int = 0) -> RolloutBatch:
-        """`samples_per_prompt` samples of each prompt on the fleet, seeded by (seed, iteration, prompt, round)."""
+        """`samples_per_prompt` samples of each prompt on the fleet, seeded by (seed, iteration, prompt, round):
+        single answers, or a multi-turn run's episodes."""
+        return self._generate(prompts, samples_per_prompt, seed, iteration, policy_version, round_index)[0]
+
+    def _generate(self, prompts: list[Prompt], samples_per_prompt: int, seed: int, iteration: int,
+                  policy_version: int, round_index: int = 0) -> tuple[RolloutBatch, dict[str, float]]:
+        """The batch and what its sampling measured (an environment's figures)."""
         assert self.fleet is not None, "start the fleet first"
+        seeds = request_seeds(seed, iteration, len(prompts), round_index)
+        if self.episodes is not None:
+            return self.episodes.run(prompts, samples_per_prompt, seeds, policy_version)
         per_prompt = self.fleet.generate([prompt.ids for prompt in prompts], samples_per_prompt,
-                                         self.config.rollout.temperature,
-                                         request_seeds(seed, iteration, len(prompts), round_index))
-        return self._batch(prompts, per_prompt, policy_version)
+                                         self.config.rollout.temperature, seeds)
+        return self._batch(prompts, per_prompt, policy_version), {}
 
     def _batch(self, prompts: list[Prompt], per_prompt: list[list[Sample]], policy_version: int) -> RolloutBatch:
         rows = [(prompt, sample) for prompt, samples in zip(prompts, per_prompt, strict=True) for sample in samples]
@@ -183,6 +196,9 @@ class RolloutSource:
     def shutdown(self) -> None:
         """The fleet gone (after the batch generating ahead, whose thread uses it); the source can start again."""
         self.drop_ahead()
+        if self.episodes is not None:
+            self.episodes.shutdown()
+            self.episodes = None
         if self.fleet is not None:
             self.fleet.shutdown()
             self.fleet = None

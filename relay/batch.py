@@ -32,6 +32,7 @@ class RolloutBatch:
     # Per token, what a multi-turn episode needs (one answer's are derived from the fields above when not given):
     action_mask: Tensor = None  # type: ignore[assignment]  # [B, Lr] float, 1 on tokens the policy sampled
     token_versions: Tensor = None  # type: ignore[assignment]  # [B, Lr] long, the policy version that sampled each
+    step_rewards: Tensor | None = None  # [B, Lr] an environment's rewards, each on the last token of its action
     # Filled in by the scoring phase (step 3) and the advantage phase (step 4):
     old_logprobs: Tensor | None = None  # [B, Lr] policy learner's log-probs before this iteration's update
     ref_logprobs: Tensor | None = None  # [B, Lr] frozen reference policy's log-probs
@@ -136,6 +137,9 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         policy_version=min(b.policy_version for b in batches),
         action_mask=torch.cat([widen(b.action_mask, response_width, 0.0, left=False) for b in batches]),
         token_versions=torch.cat([widen(b.token_versions, response_width, 0, left=False) for b in batches]),
+        step_rewards=(None if all(b.step_rewards is None for b in batches) else torch.cat([
+            widen(torch.zeros_like(b.response_mask) if b.step_rewards is None else b.step_rewards, response_width,
+                  0.0, left=False) for b in batches])),
     )
 
 

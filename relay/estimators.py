@@ -4,12 +4,17 @@ Each takes the per-token rewards [B, Lr] (the sequence reward on the last token,
 placed in the reward), the critic's values [B, Lr] (GAE only, else None), the action mask [B, Lr], the algorithm's
 settings and the samples per prompt, and returns (advantages [B, Lr], returns [B, Lr] for the critic, or None
 without one). Pure functions over relay.ppo's math.
+
+`estimate` runs them over the action tokens alone: in a multi-turn episode the environment's tokens between two
+actions are no step of the policy's, so each row's action tokens are packed to its front (in order), estimated as
+one contiguous response, and put back; observation tokens get 0. For one answer packing changes nothing.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from relay import ppo
@@ -50,3 +55,19 @@ def rloo(token_rewards: Tensor, values: Tensor | None, mask: Tensor, algorithm: 
 
 
 ESTIMATORS: dict[str, Estimator] = {"gae": gae, "grpo": grpo, "rloo": rloo, "reinforce_pp": reinforce_pp}
+
+
+def estimate(name: str, token_rewards: Tensor, values: Tensor | None, action_mask: Tensor,
+             algorithm: AlgorithmSection, group_size: int) -> Estimate:
+    """ESTIMATORS[name] over each row's action tokens, packed to the front of the row (see the module's doc)."""
+    order = torch.argsort((action_mask == 0).to(torch.int8), dim=1, stable=True)  # action positions first, in order
+
+    def packed(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor.gather(1, order)
+
+    def unpacked(tensor: Tensor) -> Tensor:
+        return torch.zeros_like(tensor).scatter(1, order, tensor)
+
+    advantages, returns = ESTIMATORS[name](token_rewards.gather(1, order), packed(values), action_mask.gather(1, order),
+                                           algorithm, group_size)
+    return unpacked(advantages), None if returns is None else unpacked(returns)

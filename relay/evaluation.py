@@ -153,7 +153,10 @@ class Evaluation:
             metrics["eval/reward"] = sum(rewards) / len(rewards)
             if baseline_rewards is not None:
                 metrics["eval/win_rate"] = win_rate(rewards, baseline_rewards)
-        if scorers.scores is not None:
+        if batch.step_rewards is not None:  # an environment's episodes: the score is their mean return
+            returns = batch.step_rewards.sum(dim=1) + (torch.tensor(rewards) if rewards is not None else 0.0)
+            metrics["eval/score"] = returns.mean().item()
+        elif scorers.scores is not None:
             metrics["eval/score"] = scorers.scores(batch).mean().item()
         elif rewards is not None:
             metrics["eval/score"] = metrics["eval/reward"]

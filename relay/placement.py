@@ -81,7 +81,7 @@ def placed_roles(config: RelayConfig) -> list[Role]:
     """The roles a run places: a critic only for an estimator that needs values (GAE), a reference only when it
     is not the LoRA policy's own base model."""
     return ["policy", *(["critic"] if config.algorithm.uses_critic else []),
-            *([] if config.reference_in_policy else ["reference"]), "reward"]
+            *([] if config.reference_in_policy else ["reference"]), *(["reward"] if config.uses_reward_source else [])]
 
 
 def engine_placement(config: RelayConfig) -> Placement:
@@ -104,6 +104,8 @@ def resource_shortfall(config: RelayConfig, available: dict[str, float]) -> str 
         placement = role_placement(config, role)
         if not placement.colocated:
             needs[role] = _totals([placement.bundles])
+    if config.env is not None:
+        needs["the environments"] = {"CPU": config.env.num_actors * config.env.cpus_per_actor}
     total = _totals([[need] for need in needs.values()])
     short = [kind for kind in ("CPU", "GPU") if total.get(kind, 0.0) > available.get(kind, 0.0) + 1e-9]
     if not short:

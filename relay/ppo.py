@@ -130,14 +130,15 @@ def token_rewards(
 
     sequence_rewards [B]; logprobs, ref_logprobs, response_mask [B, L].
     Returns (rewards [B, L], kl [B, L]) with rewards = -kl_coef * kl, and
-    ``sequence_rewards[b]`` added at index ``response_mask[b].sum() - 1``. Both are 0 on padding.
-    A row with no real tokens gets no reward anywhere (all zeros).
+    ``sequence_rewards[b]`` added at the row's last masked index (``response_mask[b].sum() - 1`` when its tokens
+    are contiguous from 0; in a multi-turn episode the mask is the action mask, and the last action ends it). Both
+    are 0 where the mask is. A row with no real tokens gets no reward anywhere (all zeros).
     """
     mask = response_mask.float()
     kl = zero_padding(kl_penalty(zero_padding(logprobs, mask), zero_padding(ref_logprobs, mask), kl_estimator), mask)
     rewards = -kl_coef * kl
     lengths = mask.sum(dim=1).long()
-    last = (lengths - 1).clamp(min=0).unsqueeze(1)
+    last = (mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)).unsqueeze(1)
     # Zeroing the reward of empty rows, rather than indexing them, keeps this free of a host sync.
     score = (sequence_rewards.float() * (lengths > 0)).unsqueeze(1)
     return rewards.scatter_add(1, last, score), kl

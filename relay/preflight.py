@@ -36,6 +36,7 @@ from relay.config import RelayConfig
 from relay.data import load_sft_examples, open_dataset, read_rows
 from relay.labels import is_label_store
 from relay.models import apply_run_policy, build_tokenizer, check_same_tokenizer, tiny_model_config
+from relay.envs import load_env_class
 from relay.placement import placed_roles, resource_shortfall, role_placement
 from relay.preferences import load_preferences
 from relay.prompts import PromptData, data_alphabet, load_prompt_data, max_prompt_tokens
@@ -92,8 +93,10 @@ def run_checks(config: RelayConfig, output_dir_check: OutputDirCheck, resume_che
     checks.append(attempt("data.prompts" if config.data.prompts else "data.task",
                           lambda: prompts_detail(config, tokenizer, prompts)))
     checks += data_checks(config, tokenizer)
-    if config.reward.type != "model":  # a reward model has its model row
+    if config.reward.type in REWARD_FIELDS:  # a reward model has its model row; an env's step rewards, the env's
         checks.append(attempt(REWARD_FIELDS[config.reward.type], lambda: reward_detail(config, prompts.get("data"))))
+    if config.env is not None:
+        checks.append(attempt("env.name", lambda: f"{load_env_class(config.env.name).__name__}: reset and step"))
     checks += [attempt("device", lambda: device_detail(config)), attempt("resources", lambda: resources_detail(config))]
     checks.append(attempt("run.output_dir", lambda: output_detail(config, output_dir_check)))
     if checks[-1].status == "ok":  # a directory that cannot be written has no checkpoints to resume

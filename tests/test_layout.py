@@ -46,10 +46,12 @@ def test_core_imports_no_actor_and_no_job():
 def test_jobs_import_only_common_and_the_jobs_they_build_on():
     # The driver's rooms (the rollout source, the roles, the iteration, the record, supervision) are the
     # driver's; the evaluation and the bench reuse the driver and the rooms they need.
-    rooms = {"jobs.rollout_source", "jobs.roles", "jobs.iteration", "jobs.record", "jobs.supervision"}
+    rooms = {"jobs.rollout_source", "jobs.episode_source", "jobs.roles", "jobs.iteration", "jobs.record",
+             "jobs.supervision"}
     allowed = {"jobs.ppo": {"jobs.common", "jobs.sft", "jobs.reward_model", *rooms},
                "jobs.iteration": {"jobs.record", "jobs.roles", "jobs.rollout_source"},
                "jobs.record": {"jobs.common"},
+               "jobs.rollout_source": {"jobs.episode_source"},
                "jobs.bench": {"jobs.common", "jobs.ppo", "jobs.rollout_source", "jobs.trl_baseline"},
                "jobs.evaluate": {"jobs.common", "jobs.ppo", "jobs.record", "jobs.roles"}}
     for path in (ROOT / "jobs").glob("*.py"):

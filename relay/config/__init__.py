@@ -9,6 +9,7 @@ The package's modules, each importing only those above it:
     base.py       Section (the base of every section), Resources, the Dtype and Device literals
     roles.py      PPO's roles: the learners (with LoRA), the frozen scorers, the reward source, the vLLM engines
     algorithm.py  the RL algorithm
+    env.py        the environment of a multi-turn (agent) run
     inputs.py     what a run starts from: prompts or a task, a tiny model, warm start, reward model training
     run.py        the run as a whole: iterations, checkpoints, evaluation and early stop, tracking, Ray
     tree.py       RelayConfig, the root: the checks across sections and those of the prompts' columns
@@ -18,6 +19,7 @@ Import the names from `relay.config` itself; which module holds one is not part 
 
 from relay.config.algorithm import AlgorithmSection
 from relay.config.base import Device, Dtype, Resources, Section
+from relay.config.env import EnvSection
 from relay.config.inputs import DataSection, RewardModelSection, TinyModelSection, WarmStartSection
 from relay.config.loading import ConfigError, apply_overrides, config_from_command_line, dump_config, load_config
 from relay.config.roles import (
@@ -47,6 +49,7 @@ __all__ = [
     "Device",
     "Dtype",
     "EarlyStopSection",
+    "EnvSection",
     "EvalMetric",
     "EvalSection",
     "InferenceSection",

@@ -85,7 +85,8 @@ class RewardSection(InferenceSection):
     """Where the sequence reward comes from: a function (the task's, yours, or built-in rules), a reward model,
     or an endpoint."""
 
-    type: Literal["function", "rules", "model", "remote"] = "function"
+    # none: no reward source, an environment's step rewards are the whole reward (the default with `env`)
+    type: Literal["function", "rules", "model", "remote", "none"] = "function"
     function: str | None = Field(
         None, description="`module:function` scoring (prompts, responses, metadata) -> floats; None: the task's"
     )

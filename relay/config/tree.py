@@ -5,11 +5,13 @@ data's columns, and the properties derived from several sections."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from pydantic import Field, model_validator
 
 from relay.config.algorithm import AlgorithmSection
 from relay.config.base import Device, Resources, Section
+from relay.config.env import EnvSection
 from relay.config.inputs import DataSection, RewardModelSection, TinyModelSection, WarmStartSection
 from relay.config.roles import InferenceSection, RewardSection, RolloutSection, TrainerSection
 from relay.config.run import EvalSection, RaySection, RunSection, TrackingSection
@@ -30,9 +32,19 @@ class RelayConfig(Section):
     critic: TrainerSection = Field(default_factory=TrainerSection)
     reference: InferenceSection = Field(default_factory=InferenceSection)
     reward: RewardSection = Field(default_factory=RewardSection)
+    env: EnvSection | None = None
     algorithm: AlgorithmSection = Field(default_factory=AlgorithmSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_environment_rewards_unless_told(cls, tree: Any) -> Any:
+        """With an environment, the reward section is optional: unless it names a source, the env's step rewards
+        are the whole reward (written out, so a saved config reads back the same)."""
+        if isinstance(tree, dict) and tree.get("env") is not None and tree.get("reward") is None:
+            return {**tree, "reward": {"type": "none"}}
+        return tree
 
     # --- Checks across sections, in the order they run ----------------------------------------------------------
 
@@ -84,6 +96,16 @@ class RelayConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _an_environment_fits_the_run(self) -> RelayConfig:
+        if self.reward.type == "none" and self.env is None:
+            raise ValueError("reward.type is 'none' (no reward source): only a run with an env, whose step rewards "
+                             "reward the policy, may have none")
+        if self.env is not None and self.algorithm.dynamic_sampling:
+            raise ValueError("algorithm.dynamic_sampling takes single answers, not an env's episodes: set one of "
+                             "them")
+        return self
+
+    @model_validator(mode="after")
     def _generating_ahead_fits_the_sampling(self) -> RelayConfig:
         if self.rollout.generate_ahead and self.algorithm.dynamic_sampling:
             raise ValueError("rollout.generate_ahead cannot be used with algorithm.dynamic_sampling, which scores "
@@ -131,7 +153,7 @@ class RelayConfig(Section):
     @model_validator(mode="after")
     def _batch_divides_over_the_scorers(self) -> RelayConfig:
         samples = self.samples_per_iteration
-        for role in ("reference", "reward"):
+        for role in ("reference", "reward") if self.uses_reward_source else ("reference",):
             scorer: InferenceSection = getattr(self, role)
             ranks = self.policy.resources.world_size if scorer.colocate_with_policy else scorer.resources.world_size
             if samples % ranks:
@@ -222,6 +244,11 @@ class RelayConfig(Section):
     def reference_in_policy(self) -> bool:
         """With a LoRA policy the reference is its base model, the adapters switched off, in the policy's actors."""
         return self.policy.lora is not None and self.reference.model is None
+
+    @property
+    def uses_reward_source(self) -> bool:
+        """Whether reward actors score each sample: every run but an environment's whose step rewards are all."""
+        return self.reward.type != "none"
 
     @property
     def samples_per_iteration(self) -> int:

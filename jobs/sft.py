@@ -29,7 +29,8 @@ from jobs.common import (
 from relay.config import ConfigError, RelayConfig, WarmStartSection, config_from_command_line
 from relay.data import collate_sft, load_sft_examples, tokenize_sft_example
 from relay.models import load_tokenizer
-from relay.tasks import get_task, split_examples
+from relay.envs.render import TurnRenderer, tokenize_turns
+from relay.tasks import Example, get_task, split_examples
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -56,12 +57,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         )
         rng = random.Random(loop_config["seed"] * 7919 + rank)
 
+        renderer = TurnRenderer(tokenizer, loop_config["chat_template"])
+
+        def demonstration(example: Example) -> tuple[list[int], list[int]]:
+            shown = task.demonstrate(example, rng)
+            if isinstance(shown, str):
+                return tokenize_sft_example(tokenizer, example.prompt, shown, section.max_length)
+            return tokenize_turns(renderer, example.prompt, shown, section.max_length)  # a multi-turn episode
+
         def next_batch() -> list[tuple[list[int], list[int]]]:
-            chosen = rng.sample(train_examples, per_rank)
-            return [
-                tokenize_sft_example(tokenizer, ex.prompt, task.demonstrate(ex, rng), section.max_length)
-                for ex in chosen
-            ]
+            return [demonstration(example) for example in rng.sample(train_examples, per_rank)]
 
     loss_value = float("nan")
     # tqdm_ray draws one bar in the driver's console from any worker, and survives Ray's log forwarding; in a log
@@ -103,7 +108,9 @@ def tokenize_user_data(config: RelayConfig, model_path: str) -> list[tuple[list[
         pairs = load_sft_examples(section.data, tokenizer)
     except ValueError as error:
         raise ConfigError(f"warm_start.data: {error}") from None
-    return [tokenize_sft_example(tokenizer, prompt, response, section.max_length) for prompt, response in pairs]
+    renderer = TurnRenderer(tokenizer, config.chat_template)
+    return [tokenize_sft_example(tokenizer, prompt, response, section.max_length) if isinstance(response, str)
+            else tokenize_turns(renderer, prompt, response, section.max_length) for prompt, response in pairs]
 
 
 def run_warm_start(config: RelayConfig, model_path: str, run_dir: Path) -> str:

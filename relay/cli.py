@@ -39,7 +39,8 @@ from pathlib import Path
 import jobs
 
 DEMO_CONFIGS = {name: Path(jobs.__file__).parent / "configs" / f"{stem}.yaml"
-                for name, stem in (("ppo", "demo"), ("rlhf", "demo-rlhf"), ("grpo", "demo-grpo"))}
+                for name, stem in (("ppo", "demo"), ("rlhf", "demo-rlhf"), ("grpo", "demo-grpo"),
+                                   ("agent", "demo-agent"))}
 
 
 # Commands whose whole command line is their job's own parser: one definition of their options, not two.
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the embedded default on this machine")
     demo.add_argument("--pipeline", choices=sorted(DEMO_CONFIGS), default="ppo",
                       help="ppo: warm start + PPO on the task's reward; rlhf: + a learned reward model; "
-                           "grpo: warm start + GRPO (no critic)")
+                           "grpo: warm start + GRPO (no critic); agent: warm start + PPO of a tool-calling agent")
     demo.add_argument("overrides", nargs="*", help="dotted.key=value")
     for name, text in (("check", "every check before a run, without training (relay/preflight.py)"),
                        ("train", "PPO (jobs/ppo.py)"), ("sft", "supervised warm start (jobs/sft.py)"),

@@ -170,7 +170,7 @@ def load_sft_examples(
     chat_template: str | None = None,
     split: str = "train",
     limit: int | None = None,
-) -> list[tuple[str, str]]:
+) -> list[tuple[str, str | list[tuple[str, str]]]]:
     """(prompt, response) pairs from prompt/response or chat `messages` rows (the first `limit` of them); see the
     module docstring.
 
@@ -186,8 +186,11 @@ def load_sft_examples(
 
 def parse_sft_row(
     row: Any, where: str, tokenizer: PreTrainedTokenizerBase | None = None, chat_template: str | None = None
-) -> tuple[str, str]:
-    """One validated (prompt, response); `where` ("file:line" or "file row i") starts every error message."""
+) -> tuple[str, str | list[tuple[str, str]]]:
+    """One validated (prompt, response); `where` ("file:line" or "file row i") starts every error message. A chat
+    row trains on its last assistant message, the messages before it its prompt; one with `tool` messages after its
+    first assistant message is a multi-turn episode instead: its response is the turns from that message on, as
+    (role, text), of which the assistant's are trained."""
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with prompt/response or messages, got {type(row).__name__}")
     if "messages" in row:
@@ -199,11 +202,17 @@ def parse_sft_row(
             )
         if len(messages) < 2:
             raise ValueError(f"{where}: 'messages' holds only the assistant's reply; it needs a message before it")
+        roles = [message["role"] for message in messages]
+        first = roles.index("assistant")
+        if first == 0 or "tool" not in roles[first:]:  # a conversation: its history is the prompt
+            first = len(messages) - 1
         prompt = render_chat(
-            messages[:-1], tokenizer, chat_template, where, add_generation_prompt=True,
+            messages[:first], tokenizer, chat_template, where, add_generation_prompt=True,
             template_setting="warm_start.chat_template",
         )
-        return prompt, messages[-1]["content"]
+        if first == len(messages) - 1:
+            return prompt, messages[-1]["content"]
+        return prompt, [(message["role"], message["content"]) for message in messages[first:]]
     for key in ("prompt", "response"):
         if key not in row:
             raise ValueError(f"{where}: missing key {key!r} (rows need prompt and response, or messages)")

@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 from relay import ppo
 from relay.batch import RolloutBatch, pad_left, pad_right
 from relay.config import RelayConfig
-from relay.data import load_sft_examples, tokenize_example
+from relay.data import IGNORE_INDEX, load_sft_examples, tokenize_example
+from relay.envs.render import TurnRenderer, tokenize_turns
 from relay.prompts import Prompt
 from relay.tasks import Example, task_of
 
@@ -167,7 +168,7 @@ class Evaluation:
                                                  batch.response_mask, config.algorithm.kl_estimator)
         if scorers.policy_logprobs is not None and self.texts is not None:
             metrics["eval/perplexity"] = perplexity(scorers.policy_logprobs(self.texts, 1.0),
-                                                               self.texts.response_mask)
+                                                               self.texts.action_mask)
         answers = [row.get(config.eval.answer_key) for row in batch.metadata]
         if all(isinstance(answer, str) for answer in answers):
             metrics["eval/bleu"] = bleu(batch.responses, answers)
@@ -194,11 +195,27 @@ def text_batch(config: RelayConfig, tokenizer: PreTrainedTokenizerBase, prompts:
             return None
         rng = random.Random(config.data.seed)
         pairs = [(prompt.text, task.demonstrate(Example(prompt.text, prompt.metadata), rng)) for prompt in prompts[:rows]]
-    examples = [tokenize_example(tokenizer, prompt, response, config.rollout.max_model_len) for prompt, response in pairs]
-    query_ids, query_mask = pad_left([ids for ids, _ in examples], tokenizer.pad_token_id)
-    response_ids, response_mask = pad_right([ids for _, ids in examples], tokenizer.pad_token_id, torch.long)
+    examples = [text_example(tokenizer, config, prompt, response) for prompt, response in pairs]
+    query_ids, query_mask = pad_left([ids for ids, _, _ in examples], tokenizer.pad_token_id)
+    response_ids, response_mask = pad_right([ids for _, ids, _ in examples], tokenizer.pad_token_id, torch.long)
+    action_mask, _ = pad_right([mask for _, _, mask in examples], 0.0, torch.float32)
     return RolloutBatch(
         query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
         sampler_logprobs=torch.zeros(response_ids.shape), prompts=[prompt for prompt, _ in pairs],
-        responses=[response for _, response in pairs], metadata=[{} for _ in pairs], policy_version=0,
+        responses=[response if isinstance(response, str) else "".join(text for _, text in response)
+                   for _, response in pairs],
+        metadata=[{} for _ in pairs], policy_version=0, action_mask=action_mask,
     )
+
+
+def text_example(tokenizer: PreTrainedTokenizerBase, config: RelayConfig, prompt: str,
+                 response: str | list[tuple[str, str]]) -> tuple[list[int], list[int], list[float]]:
+    """(prompt ids, response ids, the mask of the policy's tokens among them) of a text-set example: one response,
+    or a multi-turn demonstration, whose environment turns the perplexity does not count."""
+    if isinstance(response, str):
+        prompt_ids, response_ids = tokenize_example(tokenizer, prompt, response, config.rollout.max_model_len)
+        return prompt_ids, response_ids, [1.0] * len(response_ids)
+    renderer = TurnRenderer(tokenizer, config.chat_template)
+    ids, labels = tokenize_turns(renderer, prompt, response, config.rollout.max_model_len)
+    start = len(renderer.prompt_ids(prompt))
+    return ids[:start], ids[start:], [float(label != IGNORE_INDEX) for label in labels[start:]]

@@ -154,8 +154,7 @@ def simulated_preferences(task: Task, count: int, rng: random.Random) -> list[Pr
         if attempts > 50:
             raise ValueError(f"task {task.name!r}: its reward ties almost every candidate pair; cannot make pairs")
         for example in task.make_examples(count, rng):
-            first = task.demonstrate(example, rng)
-            second = task.demonstrate(example, rng)
+            first, second = (episode_text(task.demonstrate(example, rng)) for _ in range(2))
             if rng.random() < 0.5 or second == first:
                 second = _corrupt(first, task.alphabet, rng)
             first_reward, second_reward = task.reward([example.prompt] * 2, [first, second], [example.metadata] * 2)
@@ -232,3 +231,8 @@ def pair_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) ->
 def mean_margin(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> float:
     """Mean of c − r over pairs [B]."""
     return (chosen_scores - rejected_scores).float().mean().item()
+
+
+def episode_text(demonstration: str | list[tuple[str, str]]) -> str:
+    """A demonstration as the text a reward reads: a multi-turn episode's turns concatenated."""
+    return demonstration if isinstance(demonstration, str) else "".join(text for _, text in demonstration)

@@ -294,7 +294,7 @@ def export_task(task: Task, data: DataSection, out_dir: Path) -> dict[str, Path]
     contents = {
         "train.parquet": [{"prompt": example.prompt, **example.metadata} for example in train],
         "eval.parquet": [{"prompt": example.prompt, **example.metadata} for example in held_out],
-        "demonstrations.jsonl": [{"prompt": example.prompt, "response": task.demonstrate(example, rng)}
+        "demonstrations.jsonl": [demonstration_row(example.prompt, task.demonstrate(example, rng))
                                  for example in train],
     }
     for name, rows in contents.items():
@@ -305,3 +305,10 @@ def export_task(task: Task, data: DataSection, out_dir: Path) -> dict[str, Path]
             partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
         partial.rename(paths[name])
     return paths
+
+
+def demonstration_row(prompt: str, shown: str | list[tuple[str, str]]) -> dict[str, Any]:
+    """A warm start's row: prompt and response, or a multi-turn episode as chat messages."""
+    if isinstance(shown, str):
+        return {"prompt": prompt, "response": shown}
+    return {"messages": [{"role": "user", "content": prompt}, *({"role": role, "content": text} for role, text in shown)]}

@@ -126,3 +126,43 @@ def test_an_env_run_needs_no_reward_source_and_says_what_it_cannot_combine(tmp_p
                         "algorithm.dynamic_sampling=true")
     from relay.placement import placed_roles
     assert "reward" not in placed_roles(config)
+
+
+# ---------------------------------------------------------------- multi-turn warm start
+def test_a_multi_turn_demonstration_trains_the_models_turns_only_as_a_rollout_lays_them_out():
+    from relay.data import IGNORE_INDEX, parse_sft_row
+    from relay.envs.render import tokenize_turns
+    from relay.tasks.multiply import TASK
+
+    tokenizer = build_tokenizer(TASK.alphabet)
+    renderer = TurnRenderer(tokenizer)
+    turns = [("assistant", "[37*48]"), ("tool", "1776;"), ("assistant", "1776")]
+    ids, labels = tokenize_turns(renderer, "37*48=", turns)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "37*48=[37*48]1776;1776"
+    trained = tokenizer.decode([token for token, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert trained == "[37*48]1776" + tokenizer.eos_token  # EOS after the last turn only; the tool's never trained
+    # The rollout's layout: prompt, action ids, observation ids (tokenised alone), next action.
+    assert ids == (renderer.prompt_ids("37*48=") + tokenizer("[37*48]", add_special_tokens=False).input_ids
+                   + renderer.observation_ids("1776;", False) + tokenizer("1776", add_special_tokens=False).input_ids
+                   + [tokenizer.eos_token_id])
+    # A chat row with tool messages is such an episode; one without is a conversation trained on its last reply.
+    bpe_like = {"messages": [{"role": "user", "content": "37*48="}, {"role": "assistant", "content": "[37*48]"},
+                             {"role": "tool", "content": "1776;"}, {"role": "assistant", "content": "1776"}]}
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    prompt, response = parse_sft_row(bpe_like, "row 1", tokenizer, template)
+    assert prompt == "37*48=" and response == turns
+    conversation = {"messages": [{"role": "user", "content": "1="}, {"role": "assistant", "content": "1"},
+                                 {"role": "user", "content": "2="}, {"role": "assistant", "content": "2"}]}
+    assert parse_sft_row(conversation, "row 2", tokenizer, template) == ("1=12=", "2")
+
+
+def test_the_multiply_task_scores_the_final_answer():
+    from relay.tasks.multiply import TASK, demonstrate
+    import random
+
+    [example] = TASK.make_examples(1, random.Random(0))
+    answer = example.metadata["answer"]
+    assert TASK.reward([example.prompt] * 3, [f"[x]{answer};{answer}", answer, f"[x]{answer};1"],
+                       [example.metadata] * 3) == [1.0, 1.0, 0.0]
+    shown = {str(demonstrate(example, random.Random(seed))) for seed in range(20)}
+    assert len(shown) == 2  # with the tool, and without

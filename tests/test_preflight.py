@@ -209,7 +209,7 @@ def test_every_problem_is_listed_not_only_the_first(tmp_path):
 def test_one_cause_is_one_error(tmp_path):
     """An unknown task breaks the tiny model's alphabet, the prompts and the task's reward: one line says so."""
     assert problems(tiny_run_config(tmp_path / "run", "data.task=nosuch")) == [
-        "error: data.task 'nosuch' is neither a built-in task (reverse) nor module:attribute"]
+        "error: data.task 'nosuch' is neither a built-in task (reverse, multiply) nor module:attribute"]
     assert problems(tiny_run_config(tmp_path / "run", "reward.function=nosuch_module_xyz:score"))[0].startswith(
         "error: reward.function 'nosuch_module_xyz:score': cannot import module 'nosuch_module_xyz'")
     assert problems(on_prompts(tmp_path, jsonl(tmp_path / "good.jsonl", *GOOD_ROWS),

@@ -54,3 +54,11 @@ class HangingGame(DigitGame):
 class GarbageGame(DigitGame):
     def step(self, action: str) -> Any:
         return "not a tuple"
+
+
+class SlowDigitGame(DigitGame):
+    """Each step takes half a second: a batch is still being played when an env actor is killed."""
+
+    async def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        await asyncio.sleep(0.5)
+        return super().step(action)

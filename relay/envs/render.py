@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from relay.data import render_chat, tokenize_prompt
+from relay.data import IGNORE_INDEX, render_chat, tokenize_prompt
 from relay.envs import Observation, Prompt
 
 _ACTION = "RELAY_ACTION_PLACEHOLDER"  # stands for the model's turn while a template renders what follows it
@@ -59,3 +59,24 @@ class TurnRenderer:
         if action_ended_in_eos and eos and text.startswith(eos):
             text = text[len(eos):]  # the model's own EOS closed its turn
         return text
+
+
+def tokenize_turns(renderer: TurnRenderer, prompt: Prompt, turns: list[tuple[str, str]],
+                   max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a multi-turn demonstration, laid out exactly as a rollout lays an episode out: the
+    prompt, then each turn, the model's as its tokens (EOS after the last of them only) and the environment's as an
+    observation; labels are IGNORE_INDEX everywhere but on the model's tokens. Cut to `max_length` tokens, the
+    first kept (a rollout stops at rollout.max_model_len the same way)."""
+    tokenizer = renderer.tokenizer
+    ids = renderer.prompt_ids(prompt)
+    labels = [IGNORE_INDEX] * len(ids)
+    last_action = max(index for index, (role, _) in enumerate(turns) if role == "assistant")
+    for index, (role, text) in enumerate(turns):
+        if role == "assistant":
+            tokens = tokenizer(text, add_special_tokens=False).input_ids
+            tokens += [tokenizer.eos_token_id] if index == last_action else []
+            ids, labels = ids + tokens, labels + tokens
+        else:
+            observation = renderer.observation_ids({"role": role, "content": text}, action_ended_in_eos=False)
+            ids, labels = ids + observation, labels + [IGNORE_INDEX] * len(observation)
+    return ids[:max_length], labels[:max_length]

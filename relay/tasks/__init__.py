@@ -31,7 +31,9 @@ class Task:
     alphabet: str  # every character a prompt or response may hold; a tiny model's tokenizer is built from it
     make_examples: Callable[[int, random.Random], list[Example]]
     reward: RewardFunction
-    demonstrate: Callable[[Example, random.Random], str]  # a (possibly imperfect) human demonstration for SFT
+    # A (possibly imperfect) human demonstration for SFT: the response, or a multi-turn episode's turns as (role,
+    # text), the model's as "assistant" and the environment's answers as it gives them.
+    demonstrate: Callable[[Example, random.Random], str | list[tuple[str, str]]]
 
 
 def load_object(spec: str, what: str) -> Any:
@@ -50,9 +52,9 @@ def load_object(spec: str, what: str) -> Any:
 
 
 def get_task(name: str) -> Task:
-    from relay.tasks import reverse
+    from relay.tasks import multiply, reverse
 
-    builtin = {"reverse": reverse.TASK}
+    builtin = {"reverse": reverse.TASK, "multiply": multiply.TASK}
     if name in builtin:
         return builtin[name]
     if ":" not in name:

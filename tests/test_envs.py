@@ -166,3 +166,19 @@ def test_the_multiply_task_scores_the_final_answer():
                        [example.metadata] * 3) == [1.0, 1.0, 0.0]
     shown = {str(demonstrate(example, random.Random(seed))) for seed in range(20)}
     assert len(shown) == 2  # with the tool, and without
+
+
+def test_the_readme_example_env_keeps_the_contract(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = readme.split("# my_envs.py\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md (my_envs.py)", "exec"), namespace)  # noqa: S102 - our own README's example
+    env = namespace["GuessTheNumber"](lives=2)
+    reset = checked_reset(env.reset({"secret": "7", "prompt": "It is below 10."}, seed=0), "GuessTheNumber")
+    assert reset.prompt[0]["role"] == "user"
+    assert checked_step(asyncio.run(env.step("<guess>3</guess>")), "GuessTheNumber").observation == {
+        "role": "tool", "content": "higher"}
+    final = checked_step(asyncio.run(env.step("<guess>7</guess>")), "GuessTheNumber")
+    assert (final.reward, final.terminated) == (1.0, True)

@@ -53,6 +53,7 @@ def test_jobs_import_only_common_and_the_jobs_they_build_on():
                "jobs.record": {"jobs.common"},
                "jobs.rollout_source": {"jobs.episode_source"},
                "jobs.bench": {"jobs.common", "jobs.ppo", "jobs.rollout_source", "jobs.trl_baseline"},
+               "jobs.agent_bench": {"jobs.common", "jobs.episode_source"},
                "jobs.evaluate": {"jobs.common", "jobs.ppo", "jobs.record", "jobs.roles"}}
     for path in (ROOT / "jobs").glob("*.py"):
         name = f"jobs.{path.stem}"

@@ -65,9 +65,14 @@ class ToolEnv:
     stop = ["</tool_call>"]
 
     def __init__(self, tools: list[str] | None = None, call_format: Literal["json", "compact"] = "json",
-                 answer_key: str = "answer", prompt_key: str = "prompt", tool_timeout_s: float = 10.0) -> None:
+                 answer_key: str = "answer", prompt_key: str = "prompt", tool_timeout_s: float = 10.0,
+                 system: str | None = None, score_answer: bool = True) -> None:
+        """`system`: a system message before the row's prompt (say which tools there are and how to call them);
+        `score_answer: false` leaves the final answer to the run's reward source (`reward`), e.g. rules on the row's
+        answer column."""
         if call_format not in ("json", "compact"):
             raise ValueError(f"call_format {call_format!r}: json or compact")
+        self.system, self.score_answer = system, score_answer
         self.tools = {spec.rpartition(":")[2]: load_object(spec, "a tool")
                       for spec in tools or [f"{__name__}:calculator"]}
         self.call_format, self.answer_key, self.prompt_key = call_format, answer_key, prompt_key
@@ -75,14 +80,16 @@ class ToolEnv:
         if call_format == "compact":
             self.stop = ["]"]
 
-    def reset(self, row: dict[str, Any], seed: int) -> tuple[str, dict[str, Any]]:
-        self.answer = str(row[self.answer_key]).strip()
-        return row[self.prompt_key], {}
+    def reset(self, row: dict[str, Any], seed: int) -> tuple[str | list[dict[str, str]], dict[str, Any]]:
+        self.answer = str(row.get(self.answer_key, "")).strip()
+        if self.system is None:
+            return row[self.prompt_key], {}
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": row[self.prompt_key]}], {}
 
     async def step(self, action: str) -> tuple[Any, float, bool, bool, dict[str, Any]]:
         call = (_COMPACT_CALL if self.call_format == "compact" else _JSON_CALL).search(action)
         if call is None:  # the final answer
-            return None, float(action.strip() == self.answer), True, False, {}
+            return None, float(self.score_answer and action.strip() == self.answer), True, False, {}
         try:
             result, errors = await self._run(call.group(1)), 0
         except Exception as error:  # noqa: BLE001 - the model's call, or the tool, was wrong: it reads why

@@ -84,7 +84,10 @@ class EpisodeSource:
 
     def _batch(self, rows: list[Prompt], episodes: list[Episode], policy_version: int) -> RolloutBatch:
         pad_id = self.tokenizer.pad_token_id
-        query_ids, query_mask = pad_left([episode.prompt_ids for episode in episodes], pad_id)
+        # An episode whose env failed at reset has no prompt of its own: the row's prompt stands in (a row of the
+        # learners' batch must hold a real token).
+        query_ids, query_mask = pad_left([episode.prompt_ids or prompt.ids for prompt, episode in zip(rows, episodes)],
+                                         pad_id)
         response_ids, response_mask = pad_right([episode.response_ids for episode in episodes], pad_id, torch.long)
         action_mask, _ = pad_right([episode.action_mask for episode in episodes], 0.0, torch.float32)
         sampler_logprobs, _ = pad_right([episode.logprobs for episode in episodes], 0.0, torch.float32)

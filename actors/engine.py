@@ -40,6 +40,11 @@ def engine_options(config: RelayConfig) -> dict[str, Any]:
     }
     if config.device == "cpu":
         options["kv_cache_memory_bytes"] = rollout.kv_cache_memory_mb * 2**20
+        # No chunked prefill on CPUs: a prompt cut across two steps throws away the token sampled after its first
+        # part and rewinds the request's seeded generator, which a CPU generator cannot ("CPU Generator does not
+        # use offset": the engine fails). Multi-turn episodes' longer prompts, many at once, fill a step's budget.
+        options["enable_chunked_prefill"] = False
+        options["max_num_batched_tokens"] = max(rollout.max_model_len, 2048)
     else:
         options["gpu_memory_utilization"] = rollout.gpu_memory_utilization
     return options

@@ -378,6 +378,11 @@ class RolloutFleet:
 
 
 def _describe(error: Exception) -> str:
+    """The error in a line: a task's error by its cause's type and last line (the first is Ray's header)."""
+    cause = getattr(error, "cause", None)
+    if cause is not None:
+        lines = str(cause).strip().splitlines()
+        return f"{type(error).__name__}({type(cause).__name__}): {lines[-1][:200] if lines else ''}"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {first_line[:200]}"
 

@@ -165,7 +165,7 @@ class Evaluation:
             temperature = config.rollout.temperature  # as sampled: the KL that training's penalty measures
             metrics["eval/kl_ref"] = sequence_kl(scorers.policy_logprobs(batch, temperature),
                                                  scorers.reference_logprobs(batch, temperature),
-                                                 batch.response_mask, config.algorithm.kl_estimator)
+                                                 batch.action_mask, config.algorithm.kl_estimator)
         if scorers.policy_logprobs is not None and self.texts is not None:
             metrics["eval/perplexity"] = perplexity(scorers.policy_logprobs(self.texts, 1.0),
                                                                self.texts.action_mask)

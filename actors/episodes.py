@@ -91,7 +91,11 @@ class EpisodeRunner:
             episode, start, called = self.calls.pop(ref)
             try:
                 answer = ray.get(ref)
-            except RayActorError:
+            except RayActorError as error:
+                if error.actor_init_failed:  # no replacement would start either: the env does not import there
+                    lines = str(error).strip().splitlines()
+                    raise EnvContractError(f"env {self.env.name}: an environment actor could not start: "
+                                           f"{lines[-1] if lines else error}") from None
                 episode.lost = episode.finished = True
                 continue
             except RayTaskError as error:  # the env broke the contract: the run's error, not the engine's

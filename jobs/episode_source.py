@@ -35,7 +35,6 @@ class EpisodeSource:
         self.stop = env_stop(config)
         self.pool = EnvPool(config.env, config.actor_namespace)
         self.logged_errors: set[str] = set()
-        self.last_episodes: list[Episode] = []  # the last batch's, as played (jobs/agent_bench.py reads them)
 
     def run(self, prompts: list[Prompt], samples_per_prompt: int, seeds: list[int],
             policy_version: int) -> tuple[RolloutBatch, dict[str, float]]:
@@ -46,7 +45,6 @@ class EpisodeSource:
                                actor=(index * samples_per_prompt + sample) % len(self.pool.actors))
                   for index, prompt in enumerate(prompts) for sample in range(samples_per_prompt)]
         episodes = self._play(starts)
-        self.last_episodes = episodes
         self._check_errors(episodes)
         rows = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
         return self._batch(rows, episodes, policy_version), figures(episodes)

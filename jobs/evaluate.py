@@ -74,14 +74,15 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
     connect_ray(config)
     scorers: dict[str, ActorGroup] = {}
     try:
-        trainer.source.start(reference)
-        scorers["reward"] = ActorGroup(
-            RewardScorer, "eval-reward", role_placement(config, "reward"), namespace=config.actor_namespace,
-            timeout_s=config.run.call_timeout_s,
-            config=config, model_path=config.reward.model and resolve_model_path(config.reward.model))
+        trainer.source.start(reference)  # with an env, its actors too: the held-out episodes are played in it
+        if config.uses_reward_source:  # an env run without one is scored by its episodes' return
+            scorers["reward"] = ActorGroup(
+                RewardScorer, "eval-reward", role_placement(config, "reward"), namespace=config.actor_namespace,
+                timeout_s=config.run.call_timeout_s,
+                config=config, model_path=config.reward.model and resolve_model_path(config.reward.model))
         scorers["reference"] = logprob_group(config, "eval-reference", reference)
         results: dict[str, dict[str, float]] = {}
-        baseline = trainer.evaluation.run(eval_scorers(trainer, scorers["reward"], scorers["reference"],
+        baseline = trainer.evaluation.run(eval_scorers(trainer, scorers.get("reward"), scorers["reference"],
                                                        scorers["reference"]))
         results[f"reference: {against or reference}"] = baseline.metrics
         for version, (name, path) in enumerate(policies.items(), start=1):
@@ -90,7 +91,8 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
             policy = logprob_group(config, f"eval-policy-{version}", path)
             try:
                 results[name] = trainer.evaluation.run(
-                    eval_scorers(trainer, scorers["reward"], policy, scorers["reference"]), baseline.rewards).metrics
+                    eval_scorers(trainer, scorers.get("reward"), policy, scorers["reference"]),
+                    baseline.rewards).metrics
             finally:
                 policy.shutdown()
     finally:
@@ -107,7 +109,8 @@ def evaluate(config_path: Path, models: list[str], against: str | None, output: 
     return report
 
 
-def eval_scorers(trainer: PPOTrainer, reward: ActorGroup, policy: ActorGroup, reference: ActorGroup) -> EvalScorers:
+def eval_scorers(trainer: PPOTrainer, reward: ActorGroup | None, policy: ActorGroup,
+                 reference: ActorGroup) -> EvalScorers:
     """The training evaluation's scorers, with frozen models in place of the learner and the run's reference."""
     config, timeout_s = trainer.config, trainer.config.run.call_timeout_s
 
@@ -118,7 +121,8 @@ def eval_scorers(trainer: PPOTrainer, reward: ActorGroup, policy: ActorGroup, re
     return EvalScorers(
         generate=lambda prompts, samples, seed: trainer.source.generate(prompts, samples, seed, 0, 0),
         scores=driver_scores(config, trainer.eval_scorer, rewards_placed=True),
-        rewards=lambda batch: score_rewards(reward, batch, 0, trainer.run_dir, timeout_s, evaluation=True),
+        rewards=None if reward is None else lambda batch: score_rewards(reward, batch, 0, trainer.run_dir, timeout_s,
+                                                                        evaluation=True),
         policy_logprobs=logprobs(policy), reference_logprobs=logprobs(reference))
 
 

@@ -135,31 +135,39 @@ def test_an_env_actor_killed_mid_batch_is_replaced_and_its_episodes_redone(fleet
 
 
 def test_ppo_trains_on_episodes_and_resumes_exactly(ray_session, tmp_path):
+    import shutil
+
     overrides = [*ENV, "run.checkpoint_every=1", "run.eval_every=1"]
-    straight = run(tiny_run_config(tmp_path / "straight", *overrides))
-    rows = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    straight = run(tiny_run_config(tmp_path, *overrides))
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["iteration"] for row in rows] == [1, 2]
     assert all("env/turns_mean" in row and "time/env_step" in row and "losses/value" in row for row in rows)
     assert straight["eval_metric"] == "episode return in env tests.user_env:DigitGame"
     assert straight["eval_score_after"] is not None and straight["eval_score_after"] > 0
-    # Interrupted after iteration 1 and resumed: bitwise the same numbers.
-    run(tiny_run_config(tmp_path / "resumed", *overrides, "run.iterations=1"))
-    resumed = run(tiny_run_config(tmp_path / "resumed", *overrides))
+    # A crash after iteration 1's checkpoint: the resumed run trains iteration 2 again, bitwise as it was.
+    shutil.rmtree(tmp_path / "checkpoints" / "iter_000002")
+    (tmp_path / "summary.json").unlink()
+    resumed = run(tiny_run_config(tmp_path, *overrides))
     assert resumed["eval_score_after"] == straight["eval_score_after"]
 
     def numbers(row):
         return {name: value for name, value in row.items() if not name.startswith(("time/", "perf/"))}
 
-    assert [numbers(row) for row in read_metrics(tmp_path / "resumed" / "metrics.jsonl")] == [
-        numbers(row) for row in rows]
+    assert [numbers(row) for row in read_metrics(tmp_path / "metrics.jsonl")] == [numbers(row) for row in rows]
 
 
-def test_grpo_trains_on_an_async_envs_episodes(ray_session, tmp_path):
+def test_grpo_trains_on_an_async_envs_episodes_and_relay_eval_plays_them_again(ray_session, tmp_path):
+    from jobs.evaluate import main as evaluate_main
+
     summary = run(tiny_run_config(tmp_path, *ENV, "env.name=tests.user_env:AsyncDigitGame",
                                   "algorithm.advantage=grpo", "run.iterations=1"))
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert rows[0]["env/turns_mean"] == 3.0 and "losses/value" not in rows[0]
-    assert summary["eval_score_after"] is not None
+    [row] = read_metrics(tmp_path / "metrics.jsonl")
+    assert row["env/turns_mean"] == 3.0 and "losses/value" not in row
+    # relay eval plays the held-out episodes in the same env, as the run's last evaluation did: the same score.
+    report = evaluate_main(["--config", str(tmp_path / "config.yaml"), str(tmp_path),
+                            "--output", str(tmp_path / "eval" / "eval.json")])
+    assert report["results"][str(tmp_path)]["eval/score"] == summary["eval_score_after"] == row["eval/score"]
+    assert "eval/reward" not in report["results"][str(tmp_path)]  # no reward source: the return is the score
 
 
 def run(config):

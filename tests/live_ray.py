@@ -142,3 +142,14 @@ def prometheus_query(address: str, expr: str) -> list[dict[str, Any]]:
     if answer["status"] != "success":
         raise AssertionError(f"prometheus refused {expr!r}: {answer}")
     return answer["data"]["result"]
+
+
+def train_to_end(config):
+    """A whole run of the driver, as `relay train` makes it (its roles shut down after)."""
+    from jobs.ppo import PPOTrainer
+
+    trainer = PPOTrainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()

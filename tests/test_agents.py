@@ -14,14 +14,13 @@ from actors.group import ActorGroup
 from actors.reference import Reference
 from actors.rollout import RolloutFleet
 from jobs.episode_source import EnvFailure, EpisodeSource
-from jobs.ppo import PPOTrainer
 from relay.envs import EnvContractError
 from relay.metrics import read_metrics
 from relay.models import load_tokenizer
 from relay.placement import role_placement
 from relay.prompts import load_prompt_data
 from tests.conftest import tiny_run_config
-from tests.live_ray import wait_for
+from tests.live_ray import train_to_end as run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -170,9 +169,3 @@ def test_grpo_trains_on_an_async_envs_episodes_and_relay_eval_plays_them_again(r
     assert "eval/reward" not in report["results"][str(tmp_path)]  # no reward source: the return is the score
 
 
-def run(config):
-    trainer = PPOTrainer(config)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()

@@ -17,16 +17,11 @@ from jobs.common import latest_checkpoint
 from jobs.ppo import PPOTrainer
 from relay.metrics import read_metrics
 from tests.conftest import tiny_run_config
+from tests.live_ray import train_to_end as run
 
 pytestmark = pytest.mark.slow
 
 
-def run(config):
-    trainer = PPOTrainer(config)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
 
 
 def test_ppo_end_to_end_then_resume(ray_session, tmp_path):

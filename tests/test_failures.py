@@ -15,7 +15,7 @@ import ray
 from jobs.ppo import PPOTrainer
 from relay.metrics import read_metrics
 from tests.conftest import tiny_run_config
-from tests.live_ray import wait_for
+from tests.live_ray import train_to_end as fit, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,6 @@ def kill_after(config, actor_name: str, after_rows: int, killed: list[int]) -> t
     return thread
 
 
-def fit(config) -> dict:
-    trainer = PPOTrainer(config)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
 
 
 def check_every_batch_complete(config, iterations: int) -> list[dict]:

@@ -119,7 +119,8 @@ class EpisodeRunner:
             if answer.terminated or answer.truncated or episode.turns == self.env.max_turns:
                 episode.finished = True
                 return
-            ended_in_eos = bool(episode.response_ids) and episode.response_ids[-1] == self.renderer.tokenizer.eos_token_id
+            eos = self.renderer.tokenizer.eos_token_id
+            ended_in_eos = bool(episode.response_ids) and episode.response_ids[-1] == eos
             observation = self.renderer.observation_ids(answer.observation, ended_in_eos)
             room = self.rollout.max_model_len - len(episode.prompt_ids) - len(episode.response_ids)
             episode.response_ids += observation[:room]

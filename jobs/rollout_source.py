@@ -26,7 +26,7 @@ from relay.prompts import Prompt, PromptData
 from jobs.episode_source import EpisodeSource
 
 # Scores a batch's rewards [B] at an iteration (the reward actors'), for dynamic sampling.
-RewardScorer = Callable[[RolloutBatch, int], torch.Tensor]
+ScoreRewards = Callable[[RolloutBatch, int], torch.Tensor]
 
 
 @dataclass
@@ -64,7 +64,7 @@ class RolloutSource:
         return self.fleet
 
     # ---------------------------------------------------------------- batches
-    def next(self, iteration: int, policy_version: int, score_rewards: RewardScorer) -> Rollout:
+    def next(self, iteration: int, policy_version: int, score_rewards: ScoreRewards) -> Rollout:
         """`iteration`'s batch: generated ahead during the last iteration, or now. With rollout.generate_ahead the
         next iteration's starts at once, on the engines' current weights, while this one scores and trains."""
         ahead, self._ahead = self._ahead, None
@@ -98,7 +98,7 @@ class RolloutSource:
                                         iteration, policy_version)
         return Rollout(batch, None, time.monotonic() - started, metrics)
 
-    def _sample(self, iteration: int, policy_version: int, score_rewards: RewardScorer) -> Rollout:
+    def _sample(self, iteration: int, policy_version: int, score_rewards: ScoreRewards) -> Rollout:
         """This iteration's batch, sampled now; its rewards too with dynamic sampling.
 
         With algorithm.dynamic_sampling (DAPO, Yu et al. 2025), a prompt whose samples all got the same reward
